@@ -1,0 +1,247 @@
+"""Hierarchical block masks for H-JEPA on one crop's patch grid.
+
+I-JEPA (Assran et al., 2023) predicts a few rectangular target blocks from a large context
+block with the targets removed. H-JEPA adds spatial levels: level k works on the patch grid
+pooled over 2^k x 2^k windows (side ``G // 2**k``), samples its own ``num_target_masks``
+blocks on that grid, and its targets are the pooled target features. The context never
+overlaps a target of any level.
+
+Everything is vectorised over the batch. As in I-JEPA, one block shape is drawn per batch
+(and level), positions per sample, so target counts are equal across the batch; contexts are
+subsampled uniformly to the smallest context in the batch, so they are plain index tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class MaskConfigError(ValueError):
+    """A mask parameter set that cannot produce valid masks; the message names the fix."""
+
+
+@dataclass
+class HierarchicalMasks:
+    """Index tensors for one crop.
+
+    Attributes:
+        context: (B, K) sorted indices into the fine patch grid (row-major, side ``grid_sizes[0]``).
+        targets: per level k, (B, M, T_k) indices into the level-k grid (side ``grid_sizes[k]``);
+            block m of sample b is ``targets[k][b, m]``.
+        grid_sizes: side of the patch grid at each level.
+    """
+
+    context: Tensor
+    targets: list[Tensor]
+    grid_sizes: list[int]
+
+    @property
+    def batch_size(self) -> int:
+        return self.context.shape[0]
+
+    def to(self, device: torch.device | str) -> HierarchicalMasks:
+        return HierarchicalMasks(
+            self.context.to(device, non_blocking=True),
+            [t.to(device, non_blocking=True) for t in self.targets],
+            self.grid_sizes,
+        )
+
+    def target_coverage(self) -> Tensor:
+        """(B, G*G) bool: fine patches inside any target block of any level."""
+        fine = self.grid_sizes[0]
+        covered = torch.zeros(self.batch_size, fine * fine, dtype=torch.bool, device=self.context.device)
+        for level, (targets, side) in enumerate(zip(self.targets, self.grid_sizes, strict=True)):
+            factor = 2**level
+            rows, cols = targets // side, targets % side
+            offsets = torch.arange(factor, device=targets.device)
+            fine_rows = (rows[..., None] * factor + offsets).flatten(-2)
+            fine_cols = (cols[..., None] * factor + offsets).flatten(-2)
+            fine_idx = (fine_rows[..., :, None] * fine + fine_cols[..., None, :]).flatten(1)
+            covered.scatter_(1, fine_idx, True)
+        return covered
+
+
+def _block_shape(scale: float, aspect: float, grid: int) -> tuple[int, int]:
+    area = scale * grid * grid
+    h = max(1, int(round(math.sqrt(area * aspect))))
+    w = max(1, int(round(math.sqrt(area / aspect))))
+    return h, w
+
+
+class HierarchicalMaskGenerator:
+    """Samples context and per-level target blocks on a square patch grid.
+
+    Args:
+        input_size: crop side in pixels.
+        patch_size: ViT patch side in pixels.
+        num_hierarchies: number of levels; level k has grid side ``G // 2**k``.
+        num_target_masks: target blocks per level.
+        base_scale: block area range, as a fraction of the grid, at the finest level.
+        aspect_ratio_range: block height/width range.
+        level_scale_growth: level k's scale range is ``base_scale * growth**k`` (1.0 keeps the
+            same image fraction at every level, with coarser tokens).
+        context_scale: context block area range (I-JEPA: 0.85-1.0, aspect 1).
+        min_context_patches: a sample whose context would be smaller is redrawn.
+        seed: seeds the generator used when a call passes none.
+    """
+
+    max_redraws = 50
+
+    def __init__(
+        self,
+        input_size: int = 224,
+        patch_size: int = 16,
+        num_hierarchies: int = 3,
+        num_target_masks: int = 4,
+        base_scale: tuple[float, float] = (0.05, 0.15),
+        aspect_ratio_range: tuple[float, float] = (0.75, 1.5),
+        level_scale_growth: float = 1.0,
+        context_scale: tuple[float, float] = (0.85, 1.0),
+        min_context_patches: int = 4,
+        seed: int | None = None,
+    ) -> None:
+        if input_size % patch_size:
+            raise MaskConfigError(
+                f"crop size {input_size} is not divisible by patch_size {patch_size}; "
+                "change the crop size or patch_size"
+            )
+        if num_hierarchies < 1 or num_target_masks < 1:
+            raise MaskConfigError("num_hierarchies and num_target_masks must be >= 1")
+        if not 0.0 < base_scale[0] <= base_scale[1] <= 1.0:
+            raise MaskConfigError(f"base_scale must satisfy 0 < low <= high <= 1, got {base_scale}")
+        if not 0.0 < aspect_ratio_range[0] <= aspect_ratio_range[1]:
+            raise MaskConfigError(f"aspect_ratio_range must be 0 < low <= high, got {aspect_ratio_range}")
+        if not 0.0 < context_scale[0] <= context_scale[1] <= 1.0:
+            raise MaskConfigError(f"context_scale must satisfy 0 < low <= high <= 1, got {context_scale}")
+        self.grid = input_size // patch_size
+        self.num_hierarchies = num_hierarchies
+        self.num_target_masks = num_target_masks
+        self.base_scale = tuple(base_scale)
+        self.aspect_ratio_range = tuple(aspect_ratio_range)
+        self.level_scale_growth = level_scale_growth
+        self.context_scale = tuple(context_scale)
+        self.min_context_patches = min_context_patches
+        self.grid_sizes = [self.grid // 2**k for k in range(num_hierarchies)]
+        if self.grid_sizes[-1] < 1:
+            raise MaskConfigError(
+                f"num_hierarchies={num_hierarchies} needs a patch grid of at least "
+                f"{2 ** (num_hierarchies - 1)} patches per side, but crop {input_size} / patch "
+                f"{patch_size} gives {self.grid}; lower num_hierarchies or raise the crop size"
+            )
+        self.level_scales = [
+            (base_scale[0] * level_scale_growth**k, min(1.0, base_scale[1] * level_scale_growth**k))
+            for k in range(num_hierarchies)
+        ]
+        self._check_blocks_fit()
+        self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def _check_blocks_fit(self) -> None:
+        lo_r, hi_r = self.aspect_ratio_range
+        for k, (side, (_, hi_s)) in enumerate(zip(self.grid_sizes, self.level_scales, strict=True)):
+            tallest = _block_shape(hi_s, hi_r, side)[0]
+            widest = _block_shape(hi_s, lo_r, side)[1]
+            if tallest > side or widest > side:
+                raise MaskConfigError(
+                    f"level {k}: a block of scale {hi_s:.3f} with aspect range {self.aspect_ratio_range} "
+                    f"is up to {tallest}x{widest} cells but the level grid is {side}x{side}; "
+                    "lower base_scale (or level_scale_growth) or narrow aspect_ratio_range"
+                )
+        expected = self.expected_context_patches()
+        if expected < self.min_context_patches:
+            raise MaskConfigError(
+                f"target blocks leave about {expected:.1f} context patches on average "
+                f"(min_context_patches={self.min_context_patches}); lower num_target_masks, "
+                "base_scale or num_hierarchies, or use a larger crop"
+            )
+
+    def expected_context_patches(self) -> float:
+        """Mean context size, assuming blocks land independently (used for the fit check)."""
+        fine_area = self.grid * self.grid
+        keep = sum(self.context_scale) / 2
+        for k, (side, (lo, hi)) in enumerate(zip(self.grid_sizes, self.level_scales, strict=True)):
+            cells = (side * 2**k) ** 2
+            mean_block = sum(
+                math.prod(_block_shape(s, r, side)) for s in (lo, hi) for r in self.aspect_ratio_range
+            ) / 4
+            keep *= (1.0 - mean_block * cells / side**2 / fine_area) ** self.num_target_masks
+        return keep * fine_area
+
+    def _sample_shape(self, scale: tuple[float, float], side: int, generator: torch.Generator | None,
+                      aspect: tuple[float, float]) -> tuple[int, int]:
+        s_draw, r_draw = torch.rand(2, generator=generator).tolist()
+        s = scale[0] + (scale[1] - scale[0]) * s_draw
+        log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
+        r = math.exp(log_lo + (log_hi - log_lo) * r_draw)
+        return _block_shape(s, r, side)
+
+    @staticmethod
+    def _place(batch: int, count: int, shape: tuple[int, int], side: int,
+               generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Random top-left corners (B, count) for blocks of ``shape`` on a ``side`` grid."""
+        h, w = shape
+        top = torch.randint(0, side - h + 1, (batch, count), generator=generator)
+        left = torch.randint(0, side - w + 1, (batch, count), generator=generator)
+        return top, left
+
+    @staticmethod
+    def _block_indices(top: Tensor, left: Tensor, shape: tuple[int, int], side: int) -> Tensor:
+        h, w = shape
+        dr = torch.arange(h).repeat_interleave(w)
+        dc = torch.arange(w).repeat(h)
+        return (top[..., None] + dr) * side + left[..., None] + dc
+
+    @staticmethod
+    def _block_cover(top: Tensor, left: Tensor, shape: tuple[int, int], factor: int, fine: int) -> Tensor:
+        """(B, fine, fine) bool: fine cells covered by any of the (B, M) blocks."""
+        h, w = shape
+        cells = torch.arange(fine)
+        in_rows = (cells >= top[..., None] * factor) & (cells < (top[..., None] + h) * factor)
+        in_cols = (cells >= left[..., None] * factor) & (cells < (left[..., None] + w) * factor)
+        return (in_rows[..., :, None] & in_cols[..., None, :]).any(dim=1)
+
+    def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> HierarchicalMasks:
+        generator = generator if generator is not None else self._generator
+        fine = self.grid
+        shapes = [
+            self._sample_shape(scale, side, generator, self.aspect_ratio_range)
+            for scale, side in zip(self.level_scales, self.grid_sizes, strict=True)
+        ]
+        context_shape = self._sample_shape(self.context_scale, fine, generator, (1.0, 1.0))
+
+        def draw(n: int) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+            corners = [self._place(n, self.num_target_masks, shape, side, generator)
+                       for shape, side in zip(shapes, self.grid_sizes, strict=True)]
+            covered = torch.zeros(n, fine, fine, dtype=torch.bool)
+            for k, ((top, left), shape) in enumerate(zip(corners, shapes, strict=True)):
+                covered |= self._block_cover(top, left, shape, 2**k, fine)
+            c_top, c_left = self._place(n, 1, context_shape, fine, generator)
+            context = self._block_cover(c_top, c_left, context_shape, 1, fine) & ~covered
+            return corners, context.flatten(1)
+
+        corners, context = draw(batch_size)
+        for _ in range(self.max_redraws):
+            short = context.sum(1) < self.min_context_patches
+            if not short.any():
+                break
+            redo = short.nonzero().squeeze(1)
+            new_corners, new_context = draw(len(redo))
+            context[redo] = new_context
+            for (top, left), (n_top, n_left) in zip(corners, new_corners, strict=True):
+                top[redo], left[redo] = n_top, n_left
+        else:
+            raise MaskConfigError(
+                f"could not draw a context of >= {self.min_context_patches} patches in "
+                f"{self.max_redraws} tries; lower num_target_masks or base_scale"
+            )
+        keep = int(context.sum(1).min())
+        # Uniform subset of each sample's context, all of size `keep`: context cells score in
+        # (1, 2), others in (0, 1), so top-k picks `keep` random context cells.
+        scores = torch.rand(context.shape, generator=generator) + context.float()
+        context_idx = scores.topk(keep, dim=1).indices.sort(dim=1).values
+        targets = [self._block_indices(top, left, shape, side)
+                   for (top, left), shape, side in zip(corners, shapes, self.grid_sizes, strict=True)]
+        return HierarchicalMasks(context_idx, targets, list(self.grid_sizes))

@@ -1,0 +1,147 @@
+"""Masks for a multi-crop batch under the three masking strategies.
+
+Global crops always get hierarchical masks (:class:`HierarchicalMaskGenerator`). What local
+crops do depends on the strategy:
+
+* ``global_only``: local crops are unmasked; the model encodes them and ties them to the
+  global views (local -> global representation prediction).
+* ``global_with_local_context``: as above, and their tokens also join the predictor's
+  context when it predicts the global crops' targets (multi-scale fusion).
+* ``cross_crop_prediction``: the first half of the local crops are prediction targets (their
+  target features are predicted from a global crop's context at their source-frame
+  positions); the other half are context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hjepa_core.masks.hierarchical import HierarchicalMaskGenerator, HierarchicalMasks, MaskConfigError
+
+MASKING_STRATEGIES = ("global_only", "global_with_local_context", "cross_crop_prediction")
+LOCAL_UNMASKED, LOCAL_CONTEXT, LOCAL_TARGET = "unmasked", "context", "target"
+
+
+def local_roles(strategy: str, num_local_crops: int) -> tuple[str, ...]:
+    """The role of each local crop under ``strategy``."""
+    if strategy == "global_only":
+        return (LOCAL_UNMASKED,) * num_local_crops
+    if strategy == "global_with_local_context":
+        return (LOCAL_CONTEXT,) * num_local_crops
+    if strategy == "cross_crop_prediction":
+        n_target = num_local_crops // 2
+        return (LOCAL_TARGET,) * n_target + (LOCAL_CONTEXT,) * (num_local_crops - n_target)
+    raise MaskConfigError(
+        f"unknown masking_strategy {strategy!r}; choose one of {', '.join(MASKING_STRATEGIES)}"
+    )
+
+
+@dataclass
+class MultiCropMasks:
+    """Masks for one multi-crop batch.
+
+    Attributes:
+        global_masks: one :class:`HierarchicalMasks` per global crop.
+        local_roles: per local crop, ``"unmasked"``, ``"context"`` or ``"target"``.
+        local_grid: patch-grid side of a local crop (all its patches are used).
+        strategy: the masking strategy that made these masks.
+    """
+
+    global_masks: list[HierarchicalMasks]
+    local_roles: tuple[str, ...]
+    local_grid: int
+    strategy: str
+
+    @property
+    def num_local_crops(self) -> int:
+        return len(self.local_roles)
+
+    def local_indices(self, role: str) -> list[int]:
+        """Positions (0-based, among local crops) of the local crops with ``role``."""
+        return [i for i, r in enumerate(self.local_roles) if r == role]
+
+    def to(self, device: torch.device | str) -> MultiCropMasks:
+        return MultiCropMasks([m.to(device) for m in self.global_masks], self.local_roles,
+                              self.local_grid, self.strategy)
+
+
+class MultiCropMaskGenerator:
+    """Builds :class:`MultiCropMasks` for ``batch_size`` images.
+
+    Args:
+        global_crop_size, local_crop_size, num_global_crops, num_local_crops: as the transform.
+        masking_strategy: ``global_only`` | ``global_with_local_context`` | ``cross_crop_prediction``.
+        num_hierarchies, num_target_masks, base_scale, aspect_ratio_range: hierarchical masks
+            of the global crops (see :class:`HierarchicalMaskGenerator`).
+        patch_size: ViT patch side; both crop sizes must be multiples of it.
+        seed: makes calls without an explicit generator deterministic.
+        **kwargs: passed on to :class:`HierarchicalMaskGenerator` (``level_scale_growth``,
+            ``context_scale``, ``min_context_patches``).
+    """
+
+    def __init__(
+        self,
+        global_crop_size: int = 224,
+        local_crop_size: int = 96,
+        num_global_crops: int = 2,
+        num_local_crops: int = 6,
+        masking_strategy: str = "global_only",
+        num_hierarchies: int = 3,
+        num_target_masks: int = 4,
+        base_scale: tuple[float, float] = (0.05, 0.15),
+        aspect_ratio_range: tuple[float, float] = (0.75, 1.5),
+        patch_size: int = 16,
+        seed: int | None = None,
+        **kwargs,
+    ) -> None:
+        local_roles(masking_strategy, num_local_crops)
+        if local_crop_size % patch_size:
+            raise MaskConfigError(
+                f"local_crop_size {local_crop_size} is not divisible by patch_size {patch_size}"
+            )
+        if masking_strategy == "cross_crop_prediction" and num_local_crops < 2:
+            raise MaskConfigError(
+                "cross_crop_prediction needs num_local_crops >= 2 (half targets, half context); "
+                f"got {num_local_crops}"
+            )
+        if num_global_crops < 1:
+            raise MaskConfigError(f"num_global_crops must be >= 1, got {num_global_crops}")
+        self.global_generator = HierarchicalMaskGenerator(
+            input_size=global_crop_size,
+            patch_size=patch_size,
+            num_hierarchies=num_hierarchies,
+            num_target_masks=num_target_masks,
+            base_scale=base_scale,
+            aspect_ratio_range=aspect_ratio_range,
+            **kwargs,
+        )
+        self.global_crop_size = global_crop_size
+        self.local_crop_size = local_crop_size
+        self.num_global_crops = num_global_crops
+        self.num_local_crops = num_local_crops
+        self.masking_strategy = masking_strategy
+        self.patch_size = patch_size
+        self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    @property
+    def num_hierarchies(self) -> int:
+        return self.global_generator.num_hierarchies
+
+    def __call__(
+        self,
+        batch_size: int,
+        num_local_crops: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MultiCropMasks:
+        """Masks for a batch; ``num_local_crops`` overrides the count (adaptive multi-crop)."""
+        generator = generator if generator is not None else self._generator
+        n_local = self.num_local_crops if num_local_crops is None else num_local_crops
+        return MultiCropMasks(
+            [self.global_generator(batch_size, generator) for _ in range(self.num_global_crops)],
+            local_roles(self.masking_strategy, n_local),
+            self.local_crop_size // self.patch_size,
+            self.masking_strategy,
+        )
