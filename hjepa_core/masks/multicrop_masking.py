@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from hjepa_core.masks.hierarchical import HierarchicalMaskGenerator, HierarchicalMasks, MaskConfigError
 
@@ -139,8 +138,18 @@ class MultiCropMaskGenerator:
         """Masks for a batch; ``num_local_crops`` overrides the count (adaptive multi-crop)."""
         generator = generator if generator is not None else self._generator
         n_local = self.num_local_crops if num_local_crops is None else num_local_crops
+        # One draw for all global crops: equal context sizes, so the model encodes every
+        # global crop in one batched call.
+        joint = self.global_generator(batch_size * self.num_global_crops, generator)
         return MultiCropMasks(
-            [self.global_generator(batch_size, generator) for _ in range(self.num_global_crops)],
+            [
+                HierarchicalMasks(context, list(targets), joint.grid_sizes)
+                for context, *targets in zip(
+                    joint.context.split(batch_size),
+                    *(t.split(batch_size) for t in joint.targets),
+                    strict=True,
+                )
+            ],
             local_roles(self.masking_strategy, n_local),
             self.local_crop_size // self.patch_size,
             self.masking_strategy,

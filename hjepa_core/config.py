@@ -1,0 +1,407 @@
+"""Typed configuration: defaults, YAML files and command-line overrides (DINOv2-style).
+
+``load_config(path, overrides)`` starts from the dataclass defaults, merges a YAML file, then
+``key=value`` overrides (``training.lr=1e-4``; the seed's ``--batch_size/--epochs/--lr`` map to
+``training.*``). Unknown keys are errors that suggest the nearest valid key; values are
+coerced to the field's type and cross-field rules are checked in :meth:`Config.validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key and how to fix it."""
+
+
+@dataclass
+class MultiCropConfig:
+    """Multi-crop transform parameters (the seed's table)."""
+
+    num_global_crops: int = 2
+    num_local_crops: int = 6
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    global_color_jitter: float = 0.4
+    local_color_jitter: float = 0.4
+    adaptive: bool = False
+    min_local_crops: int = 2
+    max_local_crops: int = 10
+    warmup_epochs: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are loaded."""
+
+    dataset: str = "fashion_mnist"
+    data_path: str | None = None
+    use_multicrop: bool = True
+    multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
+    num_workers: int = 4
+    pin_memory: bool = True
+    knn_monitor_every: int = 0
+
+
+@dataclass
+class MaskingConfig:
+    """Masking strategy and the global crops' hierarchical block masks."""
+
+    strategy: str = "global_only"
+    num_hierarchies: int = 3
+    num_target_masks: int = 4
+    base_scale: tuple[float, float] = (0.05, 0.15)
+    aspect_ratio_range: tuple[float, float] = (0.75, 1.5)
+    level_scale_growth: float = 1.0
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    min_context_patches: int = 4
+
+
+@dataclass
+class ModelConfig:
+    """Encoder (ViT preset or custom size) and predictor."""
+
+    encoder: str = "vit_base"
+    patch_size: int = 16
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    predictor_embed_dim: int = 384
+    predictor_depth: int = 6
+    predictor_num_heads: int = 6
+    use_rope: bool = False
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class LossConfig:
+    """Prediction loss, level weights and the optional anti-collapse regulariser."""
+
+    type: str = "smooth_l1"
+    hierarchy_weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
+    local_weight: float = 1.0
+    vicreg_weight: float = 0.0
+    collapse_every: int = 50
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation, schedules, precision, checkpoints."""
+
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1.5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    ema_momentum: float = 0.996
+    ema_momentum_end: float = 1.0
+    grad_clip: float = 3.0
+    accumulation_steps: int = 1
+    precision: str = "auto"
+    compile: bool = False
+    seed: int = 0
+    max_steps: int | None = None
+    log_every: int = 10
+    checkpoint_every_steps: int = 0
+    keep_last_checkpoints: int = 3
+    output_dir: str = "outputs/train"
+    device: str = "auto"
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking (URI from ``MLFLOW_TRACKING_URI`` unless ``tracking_uri`` is set)."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "hjepa"
+    run_name: str | None = None
+    registered_model_name: str | None = "hjepa-encoder"
+    parent_run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def flat(self) -> dict[str, Any]:
+        """``{"training.lr": 1e-4, ...}``: the form logged as MLflow params."""
+        return flatten(self.to_dict())
+
+    def save(self, path: str | Path) -> Path:
+        """Writes the resolved config as YAML, atomically."""
+        from hjepa_core.utils import atomic_write_text
+
+        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @property
+    def crops(self) -> MultiCropConfig:
+        """The effective crop settings: single-crop runs use one global crop and no locals."""
+        mc = self.data.multicrop
+        if self.data.use_multicrop:
+            return mc
+        return dataclasses.replace(mc, num_local_crops=0, num_global_crops=1, adaptive=False)
+
+    def validate(self) -> Config:
+        """Cross-field checks; raises :class:`ConfigError` naming the keys to change."""
+        from hjepa_core.masks import MASKING_STRATEGIES
+
+        mc, m, t = self.crops, self.model, self.training
+        if mc.local_crop_size > mc.global_crop_size:
+            raise ConfigError(
+                f"data.multicrop.local_crop_size ({mc.local_crop_size}) must be <= "
+                f"data.multicrop.global_crop_size ({mc.global_crop_size})"
+            )
+        for key, size in (("global_crop_size", mc.global_crop_size), ("local_crop_size", mc.local_crop_size)):
+            if size % m.patch_size:
+                raise ConfigError(
+                    f"data.multicrop.{key}={size} is not divisible by model.patch_size={m.patch_size}"
+                )
+        if self.masking.strategy not in MASKING_STRATEGIES:
+            raise ConfigError(
+                f"masking.strategy={self.masking.strategy!r} is not one of {', '.join(MASKING_STRATEGIES)}"
+            )
+        if self.data.use_multicrop and self.masking.strategy == "cross_crop_prediction":
+            fewest = mc.min_local_crops if mc.adaptive else mc.num_local_crops
+            if fewest < 2:
+                raise ConfigError("masking.strategy=cross_crop_prediction needs at least 2 local crops "
+                                  "(data.multicrop.num_local_crops or min_local_crops)")
+        if len(self.loss.hierarchy_weights) != self.masking.num_hierarchies:
+            raise ConfigError(
+                f"loss.hierarchy_weights has {len(self.loss.hierarchy_weights)} entries but "
+                f"masking.num_hierarchies={self.masking.num_hierarchies}; give one weight per level"
+            )
+        if self.loss.type not in ("smooth_l1", "mse"):
+            raise ConfigError(f"loss.type={self.loss.type!r} must be 'smooth_l1' or 'mse'")
+        if m.predictor_embed_dim % m.predictor_num_heads:
+            raise ConfigError("model.predictor_embed_dim must be divisible by model.predictor_num_heads")
+        if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"training.precision={t.precision!r} must be auto, fp32, bf16 or fp16")
+        for key in ("epochs", "batch_size", "accumulation_steps", "keep_last_checkpoints", "log_every"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"training.{key} must be >= 1, got {getattr(t, key)}")
+        if t.lr <= 0 or t.min_lr < 0:
+            raise ConfigError("training.lr must be > 0 and training.min_lr >= 0")
+        if not 0.0 <= t.ema_momentum <= t.ema_momentum_end <= 1.0:
+            raise ConfigError("need 0 <= training.ema_momentum <= training.ema_momentum_end <= 1")
+        from hjepa_core.models.vit import resolve_encoder_size
+
+        try:
+            resolve_encoder_size(m)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        try:
+            self.build_mask_generator()
+        except ValueError as exc:
+            raise ConfigError(f"masking: {exc}") from exc
+        return self
+
+    def build_mask_generator(self, seed: int | None = None):
+        """The multi-crop mask generator these settings describe."""
+        from hjepa_core.masks import MultiCropMaskGenerator
+
+        mc, mk = self.crops, self.masking
+        n_local = mc.max_local_crops if mc.adaptive else mc.num_local_crops
+        return MultiCropMaskGenerator(
+            global_crop_size=mc.global_crop_size,
+            local_crop_size=mc.local_crop_size,
+            num_global_crops=mc.num_global_crops,
+            num_local_crops=n_local,
+            masking_strategy=mk.strategy,
+            num_hierarchies=mk.num_hierarchies,
+            num_target_masks=mk.num_target_masks,
+            base_scale=mk.base_scale,
+            aspect_ratio_range=mk.aspect_ratio_range,
+            patch_size=self.model.patch_size,
+            level_scale_growth=mk.level_scale_growth,
+            context_scale=mk.context_scale,
+            min_context_patches=mk.min_context_patches,
+            seed=seed,
+        )
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            sub = flatten(value, f"{name}.")
+            out.update(sub if sub else {name: value})
+        else:
+            out[name] = value
+    return out
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Converts a YAML/CLI value to ``annotation`` or raises ConfigError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int | str | float):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not number.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(number)
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, dict | list):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values like [0.4, 1.0], got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list like [1.0, 0.5], got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for name, annotation in _field_types(cls).items():
+        if dataclasses.is_dataclass(annotation):
+            keys += _all_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    valid = _all_keys(Config)
+    leaf = key.rsplit(".", 1)[-1]
+    guesses = difflib.get_close_matches(key, valid, n=1, cutoff=0.5) or [
+        k for k in valid if k.rsplit(".", 1)[-1] == leaf
+    ][:1] or difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in valid], n=1)
+    hint = f"; did you mean {guesses[0]!r}?" if guesses else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _set(obj: Any, key: str, value: Any, full_key: str) -> None:
+    head, _, rest = key.partition(".")
+    types_ = _field_types(type(obj))
+    if head not in types_:
+        raise _unknown_key(full_key)
+    annotation = types_[head]
+    if dataclasses.is_dataclass(annotation):
+        if rest:
+            _set(getattr(obj, head), rest, value, full_key)
+            return
+        if not isinstance(value, dict):
+            raise ConfigError(f"{full_key}: expected a mapping of {annotation.__name__} fields")
+        for sub_key, sub_value in value.items():
+            _set(getattr(obj, head), str(sub_key), sub_value, f"{full_key}.{sub_key}")
+        return
+    if rest:
+        raise _unknown_key(full_key)
+    setattr(obj, head, _coerce(value, annotation, full_key))
+
+
+def merge(config: Config, values: dict[str, Any], prefix: str = "") -> Config:
+    """Merges a nested mapping (a parsed YAML file) into ``config`` in place."""
+    for key, value in values.items():
+        _set(config, str(key), value, f"{prefix}{key}")
+    return config
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"training.lr=1e-4"`` -> ``("training.lr", "1e-4")`` (typed later by the schema)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. training.lr=1e-4)")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides; validated."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML (see configs/)")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        merge(config, values)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set(config, key, value, key)
+    return config.validate()
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuilds a validated :class:`Config` from :meth:`Config.to_dict` output (checkpoints)."""
+    return merge(Config(), values).validate()

@@ -1,0 +1,61 @@
+"""Losses and collapse diagnostics for H-JEPA."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def prediction_loss(pred: Tensor, target: Tensor, kind: str = "smooth_l1", weight: Tensor | None = None) -> Tensor:
+    """Mean per-token regression loss on real target tokens.
+
+    Args:
+        pred, target: (N, T, D).
+        kind: ``smooth_l1`` (I-JEPA) or ``mse``.
+        weight: optional (N, T) 0/1 validity mask; masked tokens do not count at all.
+    """
+    if kind == "smooth_l1":
+        per_elem = F.smooth_l1_loss(pred.float(), target.float(), reduction="none")
+    elif kind == "mse":
+        per_elem = F.mse_loss(pred.float(), target.float(), reduction="none")
+    else:
+        raise ValueError(f"unknown loss {kind!r}; use smooth_l1 or mse")
+    per_token = per_elem.mean(dim=-1)
+    if weight is None:
+        return per_token.mean()
+    weight = weight.float()
+    return (per_token * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def vicreg_loss(a: Tensor, b: Tensor, inv: float = 25.0, var: float = 25.0, cov: float = 1.0) -> Tensor:
+    """VICReg (Bardes et al., 2022) between two (N, D) embeddings of the same images."""
+    a, b = a.float(), b.float()
+    invariance = F.mse_loss(a, b)
+
+    def variance_and_covariance(z: Tensor) -> tuple[Tensor, Tensor]:
+        z = z - z.mean(dim=0)
+        std = torch.sqrt(z.var(dim=0) + 1e-4)
+        n, d = z.shape
+        c = (z.T @ z) / max(n - 1, 1)
+        off_diagonal = c - torch.diag(torch.diag(c))
+        return F.relu(1.0 - std).mean(), off_diagonal.pow(2).sum() / d
+
+    var_a, cov_a = variance_and_covariance(a)
+    var_b, cov_b = variance_and_covariance(b)
+    return inv * invariance + var * (var_a + var_b) / 2 + cov * (cov_a + cov_b)
+
+
+@torch.no_grad()
+def collapse_metrics(embeddings: Tensor) -> dict[str, float]:
+    """Per-dimension std (of L2-normalised embeddings) and effective rank (Roy & Vetterli, 2007).
+
+    A collapsing encoder shows std -> 0 and effective rank -> 1.
+    """
+    z = F.normalize(embeddings.float(), dim=-1)
+    std = z.std(dim=0).mean().item()
+    centered = z - z.mean(dim=0)
+    singular = torch.linalg.svdvals(centered)
+    p = singular / singular.sum().clamp_min(1e-12)
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
+    return {"collapse/std": std, "collapse/effective_rank": float(torch.exp(entropy))}

@@ -1,0 +1,240 @@
+"""H-JEPA: hierarchical I-JEPA with multi-crop (Assran et al., 2023; Caron et al., 2021).
+
+One forward pass over a :class:`~hjepa_core.data.MultiCropBatch`:
+
+1. The EMA target encoder embeds the full global crops; targets are layer-normed tokens,
+   average-pooled over 2^k x 2^k windows (and layer-normed again) for level k.
+2. The context encoder embeds the global crops' context patches (all global crops in one
+   call) and the local crops that take part (all local crops in one call).
+3. The predictor sees the global context (plus context-role local tokens under
+   ``global_with_local_context`` / ``cross_crop_prediction``) and predicts, in one sequence,
+   every level's target blocks (and, under ``cross_crop_prediction``, the target-role local
+   crops' target features) at their source-frame positions.
+4. Under ``global_only`` / ``global_with_local_context`` the local crops are also tied to the
+   global views: from a local crop's tokens the predictor predicts the paired global crop's
+   target features at the local patches' source positions (bilinearly sampled, counted only
+   where the local patch lies inside the global crop).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hjepa_core.data.multicrop_dataset import MultiCropBatch
+from hjepa_core.losses import prediction_loss, vicreg_loss
+from hjepa_core.masks.multicrop_masking import LOCAL_CONTEXT, LOCAL_TARGET, LOCAL_UNMASKED
+from hjepa_core.models.predictor import HierarchicalPredictor, source_positions
+from hjepa_core.models.vit import VisionTransformer, build_encoder
+
+
+@dataclass
+class HJEPAOutput:
+    """Loss, its parts (detached floats for logging) and pooled target embeddings."""
+
+    loss: Tensor
+    parts: dict[str, Tensor] = field(default_factory=dict)
+    pooled_targets: Tensor | None = None
+
+
+def _layer_norm(x: Tensor) -> Tensor:
+    return F.layer_norm(x, x.shape[-1:])
+
+
+def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _per_image(tokens: Tensor, crops: int, batch: int, repeat: int) -> Tensor:
+    """(crops*B, T, D) crop-major -> (repeat*B, crops*T, D): an image's crops in one row."""
+    t, d = tokens.shape[1:]
+    rows = tokens.view(crops, batch, t, d).transpose(0, 1).reshape(batch, crops * t, d)
+    return rows.repeat(repeat, 1, 1)
+
+
+class HJEPA(nn.Module):
+    """Context encoder, EMA target encoder and hierarchical predictor with the H-JEPA loss.
+
+    Args:
+        encoder: the context encoder; the target encoder starts as its copy.
+        predictor: a :class:`HierarchicalPredictor` with one head per level.
+        hierarchy_weights: loss weight of each level.
+        loss_type: ``smooth_l1`` or ``mse``.
+        local_weight: weight of the local-crop term (tie or cross-crop prediction).
+        vicreg_weight: weight of VICReg on pooled context embeddings of two global views.
+    """
+
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        predictor: HierarchicalPredictor,
+        hierarchy_weights: list[float],
+        loss_type: str = "smooth_l1",
+        local_weight: float = 1.0,
+        vicreg_weight: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.target_encoder = copy.deepcopy(encoder)
+        self.target_encoder.requires_grad_(False)
+        self.predictor = predictor
+        self.hierarchy_weights = list(hierarchy_weights)
+        self.loss_type = loss_type
+        self.local_weight = local_weight
+        self.vicreg_weight = vicreg_weight
+
+    def train(self, mode: bool = True) -> HJEPA:
+        super().train(mode)
+        self.target_encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        """EMA step: target <- momentum * target + (1 - momentum) * online."""
+        online = list(self.encoder.parameters())
+        target = list(self.target_encoder.parameters())
+        torch._foreach_lerp_(target, online, 1.0 - momentum)
+
+    @torch.no_grad()
+    def _targets(self, images: Tensor, levels: int) -> tuple[Tensor, list[Tensor]]:
+        tokens = _layer_norm(self.target_encoder(images))
+        n, t, d = tokens.shape
+        side = round(t**0.5)
+        grid = tokens.transpose(1, 2).reshape(n, d, side, side)
+        pooled = [tokens]
+        for k in range(1, levels):
+            coarse = F.avg_pool2d(grid, kernel_size=2**k, stride=2**k)
+            pooled.append(_layer_norm(coarse.flatten(2).transpose(1, 2)))
+        return tokens, pooled
+
+    def forward(self, batch: MultiCropBatch) -> HJEPAOutput:
+        masks = batch.masks
+        if masks is None:
+            raise ValueError("the batch has no masks; build the loader with a mask_generator")
+        n_g, b = batch.num_global_crops, batch.batch_size
+        levels = len(masks.global_masks[0].targets)
+        grids = masks.global_masks[0].grid_sizes
+        side = grids[0]
+        images = torch.cat(batch.crops[:n_g])
+        boxes, flips = batch.boxes[:n_g].flatten(0, 1), batch.flips[:n_g].flatten(0, 1)
+
+        target_tokens, level_targets = self._targets(images, levels)
+        context_idx = torch.cat([m.context for m in masks.global_masks])
+        context = self.encoder(images, context_idx)
+        global_positions = source_positions(boxes, flips, side)
+        pred_context = [context]
+        pred_positions = [_gather_tokens(global_positions, context_idx)]
+
+        local_crops = batch.crops[n_g:]
+        local_boxes, local_flips = batch.boxes[n_g:], batch.flips[n_g:]
+        encoded_roles = [i for i, r in enumerate(masks.local_roles) if r in (LOCAL_CONTEXT, LOCAL_UNMASKED)]
+        local_tokens = local_positions = None
+        if encoded_roles:
+            local_tokens = self.encoder(torch.cat([local_crops[i] for i in encoded_roles]))
+            local_positions = source_positions(
+                local_boxes[encoded_roles].flatten(0, 1), local_flips[encoded_roles].flatten(0, 1),
+                masks.local_grid,
+            )
+            context_roles = [j for j, i in enumerate(encoded_roles) if masks.local_roles[i] == LOCAL_CONTEXT]
+            if context_roles:
+                pick = torch.cat([torch.arange(j * b, (j + 1) * b) for j in context_roles]).to(images.device)
+                pred_context.append(_per_image(local_tokens[pick], len(context_roles), b, n_g))
+                pred_positions.append(_per_image(local_positions[pick], len(context_roles), b, n_g))
+
+        queries, answers = [], []
+        for k, weight in enumerate(self.hierarchy_weights):
+            idx = torch.cat([m.targets[k] for m in masks.global_masks]).flatten(1)
+            level_positions = source_positions(boxes, flips, side, cell=2**k)
+            queries.append((_gather_tokens(level_positions, idx), k))
+            answers.append((f"loss/level_{k}", weight, _gather_tokens(level_targets[k], idx)))
+        target_roles = [i for i, r in enumerate(masks.local_roles) if r == LOCAL_TARGET]
+        if target_roles:
+            target_images = torch.cat([local_crops[i] for i in target_roles])
+            with torch.no_grad():
+                local_targets = _layer_norm(self.target_encoder(target_images))
+            positions = source_positions(
+                local_boxes[target_roles].flatten(0, 1), local_flips[target_roles].flatten(0, 1),
+                masks.local_grid,
+            )
+            queries.append((_per_image(positions, len(target_roles), b, n_g), 0))
+            answers.append(("loss/local", self.local_weight,
+                            _per_image(local_targets, len(target_roles), b, n_g)))
+
+        predictions = self.predictor(torch.cat(pred_context, 1), torch.cat(pred_positions, 1), queries)
+        parts: dict[str, Tensor] = {}
+        total = images.new_zeros((), dtype=torch.float32)
+        for pred, (name, weight, target) in zip(predictions, answers, strict=True):
+            parts[name] = prediction_loss(pred, target, self.loss_type)
+            total = total + weight * parts[name]
+
+        if local_tokens is not None and masks.strategy != "cross_crop_prediction":
+            parts["loss/local"] = self._local_to_global(
+                local_tokens, local_positions, encoded_roles, target_tokens, boxes, flips, n_g, b
+            )
+            total = total + self.local_weight * parts["loss/local"]
+        if self.vicreg_weight > 0 and n_g >= 2:
+            pooled = context.float().mean(dim=1)
+            parts["loss/vicreg"] = vicreg_loss(pooled[:b], pooled[b:2 * b])
+            total = total + self.vicreg_weight * parts["loss/vicreg"]
+        parts = {name: value.detach() for name, value in parts.items()}
+        pooled_targets = target_tokens.float().mean(dim=1)
+        return HJEPAOutput(total, parts, pooled_targets)
+
+    def _local_to_global(
+        self,
+        local_tokens: Tensor,
+        local_positions: Tensor,
+        roles: list[int],
+        target_tokens: Tensor,
+        global_boxes: Tensor,
+        global_flips: Tensor,
+        n_g: int,
+        b: int,
+    ) -> Tensor:
+        """Predicts, from each local crop alone, the paired global crop's target features at
+        the local patches' source positions (local crop i pairs with global crop i mod n_g)."""
+        _, t, d = target_tokens.shape
+        side = round(t**0.5)
+        device = local_tokens.device
+        pair = torch.cat([
+            torch.arange(b, device=device) + (i % n_g) * b for i in roles
+        ])
+        gx0, gy0, gx1, gy1 = global_boxes[pair].float().unbind(-1)
+        u = (local_positions[..., 0] - gx0[:, None]) / (gx1 - gx0)[:, None]
+        v = (local_positions[..., 1] - gy0[:, None]) / (gy1 - gy0)[:, None]
+        u = torch.where(global_flips[pair].bool()[:, None], 1.0 - u, u)
+        inside = (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
+        grid = torch.stack([2 * u - 1, 2 * v - 1], dim=-1)[:, None]
+        feature_map = target_tokens[pair].transpose(1, 2).reshape(len(pair), d, side, side)
+        sampled = F.grid_sample(feature_map.float(), grid.float(), align_corners=False)
+        targets = _layer_norm(sampled[:, :, 0].transpose(1, 2))
+        (prediction,) = self.predictor(local_tokens, local_positions, [(local_positions, 0)])
+        return prediction_loss(prediction, targets, self.loss_type, weight=inside)
+
+
+def build_hjepa(config) -> HJEPA:
+    """The H-JEPA model a :class:`~hjepa_core.config.Config` describes."""
+    m = config.model
+    encoder = build_encoder(m)
+    predictor = HierarchicalPredictor(
+        encoder_dim=encoder.embed_dim,
+        embed_dim=m.predictor_embed_dim,
+        depth=m.predictor_depth,
+        num_heads=m.predictor_num_heads,
+        num_levels=config.masking.num_hierarchies,
+        mlp_ratio=m.mlp_ratio,
+        pos_scale=float(config.crops.global_crop_size // m.patch_size),
+        grad_checkpointing=m.grad_checkpointing,
+    )
+    return HJEPA(
+        encoder,
+        predictor,
+        hierarchy_weights=config.loss.hierarchy_weights,
+        loss_type=config.loss.type,
+        local_weight=config.loss.local_weight,
+        vicreg_weight=config.loss.vicreg_weight,
+    )
