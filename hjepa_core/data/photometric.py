@@ -10,7 +10,7 @@ probability 0.8, optional grayscale, Gaussian blur and solarisation.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -59,9 +59,15 @@ class AugmentPolicy:
             raise ValueError(f"blur_sigma must be 0 < low <= high, got {self.blur_sigma}")
 
 
+_CHUNK_ELEMENTS = 1 << 20  # ~4 MiB of float32 per chunk: stays in cache on the CPU
+
+
+def _gray_weights(device: torch.device) -> Tensor:
+    return torch.tensor(_GRAY_WEIGHTS, device=device)
+
+
 def _gray(x: Tensor) -> Tensor:
-    w = torch.tensor(_GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    return (x * _gray_weights(x.device).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator | None) -> Tensor:
@@ -79,10 +85,31 @@ def _hue_matrices(hue: Tensor) -> Tensor:
     return _YIQ_TO_RGB @ rot @ _RGB_TO_YIQ
 
 
-def _gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+def _saturation_matrices(saturation: Tensor) -> Tensor:
+    """(N,) saturation factors s -> (N, 3, 3) matrices of ``s * x + (1 - s) * gray(x)``."""
+    weights = torch.tensor(_GRAY_WEIGHTS).expand(3, 3)
+    s = saturation.view(-1, 1, 1)
+    return s * torch.eye(3) + (1.0 - s) * weights
+
+
+def _apply_color_matrix(x: Tensor, matrices: Tensor, scratch: Tensor) -> None:
+    """``x = clamp(M @ x)`` per sample and pixel, in place (``scratch`` is x-shaped)."""
+    n = x.shape[0]
+    torch.bmm(matrices.to(x.dtype), x.view(n, 3, -1), out=scratch.view(n, 3, -1))
+    torch.clamp(scratch, 0.0, 255.0, out=x)
+
+
+def _chosen(mask: Tensor, rows: slice, device: torch.device) -> Tensor | None:
+    """Positions, within the chunk ``rows``, of the samples selected by ``mask``."""
+    picked = mask[rows]
+    if not picked.any():
+        return None
+    return picked.nonzero().squeeze(1).to(device)
+
+
+def _gaussian_blur(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
     """Separable Gaussian blur with a per-sample sigma, as one grouped convolution per axis."""
     n, c, h, _ = x.shape
-    radius = max(1, int(math.ceil(3.0 * float(sigma.max()))))
     radius = min(radius, (h - 1) // 2) if h > 2 else 1
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (offsets[None, :] / sigma.to(x)[:, None]) ** 2)
@@ -94,11 +121,29 @@ def _gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     return flat.reshape(x.shape)
 
 
+@dataclass
+class _Params:
+    """A batch's random photometric parameters (None: the operation is off)."""
+
+    order: list[int] = field(default_factory=list)
+    brightness: Tensor | None = None
+    contrast: Tensor | None = None
+    saturation: Tensor | None = None
+    hue: Tensor | None = None
+    grayscale: Tensor | None = None
+    blur: Tensor | None = None
+    sigma: Tensor | None = None
+    blur_radius: int = 1
+    solarize: Tensor | None = None
+
+
 class BatchPhotometric:
     """Applies an :class:`AugmentPolicy` and normalisation to a uint8 (N, 3, H, W) batch.
 
     Random parameters are drawn on the CPU from ``generator`` (so results are reproducible
-    for a seed whatever the device) and applied with tensor ops on the batch's device.
+    for a seed whatever the device) and applied with tensor ops on the batch's device. On the
+    CPU the batch is processed in cache-sized chunks, in place in the output tensor, so no
+    batch-sized temporaries are allocated.
     """
 
     def __init__(
@@ -111,52 +156,86 @@ class BatchPhotometric:
         self.mean = mean
         self.std = std
 
+    def _draw(self, n: int, width: int, generator: torch.Generator | None) -> _Params:
+        """All of a batch's random parameters, in a fixed draw order."""
+        p = self.policy
+        params = _Params()
+        if p.color_jitter > 0 and p.color_jitter_prob > 0:
+            s = p.color_jitter
+            active = (torch.rand(n, generator=generator) < p.color_jitter_prob).float()
+            # Inactive samples get identity factors, so one code path serves the whole batch.
+            params.brightness = 1.0 + active * _uniform(n, -s, s, generator)
+            params.contrast = 1.0 + active * _uniform(n, -s, s, generator)
+            saturation = 1.0 + active * _uniform(n, -s / 2, s / 2, generator)
+            hue = active * _uniform(n, -s / 4, s / 4, generator)
+            params.order = torch.randperm(4, generator=generator).tolist()
+            params.saturation = _saturation_matrices(saturation)
+            params.hue = _hue_matrices(hue)
+        if p.grayscale_prob > 0:
+            params.grayscale = torch.rand(n, generator=generator) < p.grayscale_prob
+        if p.blur_prob > 0:
+            params.blur = torch.rand(n, generator=generator) < p.blur_prob
+            sigma = _uniform(n, *p.blur_sigma, generator) * (width / 224.0)
+            params.sigma = sigma.clamp_min(1e-3)
+            if params.blur.any():
+                widest = float(params.sigma[params.blur].max())
+                params.blur_radius = max(1, math.ceil(3.0 * widest))
+        if p.solarize_prob > 0:
+            params.solarize = torch.rand(n, generator=generator) < p.solarize_prob
+        return params
+
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected a uint8 (N, 3, H, W) batch, got {images.dtype} {tuple(images.shape)}")
-        p = self.policy
+            raise ValueError(
+                f"expected a uint8 (N, 3, H, W) batch, got {images.dtype} {tuple(images.shape)}"
+            )
         n = images.shape[0]
+        params = self._draw(n, images.shape[-1], generator)
+        out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+        if n == 0:
+            return out
+        per_image = images[0].numel()
+        chunk = n if images.device.type != "cpu" else max(1, _CHUNK_ELEMENTS // per_image)
+        # Work in [0, 255]: every operation is linear up to its clamp, so the 1/255 folds into
+        # the normalisation at the end.
         device = images.device
-        x = images.float().div_(255.0)
-        if p.color_jitter > 0 and p.color_jitter_prob > 0:
-            x = self._color_jitter(x, generator)
-        if p.grayscale_prob > 0:
-            chosen = (torch.rand(n, generator=generator) < p.grayscale_prob).to(device)
-            x = torch.where(chosen.view(n, 1, 1, 1), _gray(x).expand_as(x), x)
-        if p.blur_prob > 0:
-            chosen = torch.rand(n, generator=generator) < p.blur_prob
-            sigma = _uniform(n, *p.blur_sigma, generator) * (x.shape[-1] / 224.0)
-            if chosen.any():
-                idx = chosen.nonzero().squeeze(1).to(device)
-                x[idx] = _gaussian_blur(x[idx], sigma[chosen.nonzero().squeeze(1)].clamp_min(1e-3))
-        if p.solarize_prob > 0:
-            chosen = (torch.rand(n, generator=generator) < p.solarize_prob).to(device)
-            x = torch.where(chosen.view(n, 1, 1, 1) & (x >= 0.5), 1.0 - x, x)
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
-        return x.sub_(mean).div_(std)
+        scale = torch.tensor(self.std, device=device).mul_(255.0).reciprocal_().view(1, 3, 1, 1)
+        shift = torch.tensor(self.mean, device=device).mul_(255.0).view(1, 3, 1, 1)
+        scratch = torch.empty((min(chunk, n), *images.shape[1:]), device=images.device)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            x = out[start:stop]
+            x.copy_(images[start:stop])
+            self._apply(x, params, slice(start, stop), scratch[: stop - start])
+            x.sub_(shift).mul_(scale)
+        return out
 
-    def _color_jitter(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
-        s = self.policy.color_jitter
-        n = x.shape[0]
-        active = (torch.rand(n, generator=generator) < self.policy.color_jitter_prob).float()
-        # Inactive samples get identity factors, so one code path serves the whole batch.
-        brightness = 1.0 + active * _uniform(n, -s, s, generator)
-        contrast = 1.0 + active * _uniform(n, -s, s, generator)
-        saturation = 1.0 + active * _uniform(n, -s / 2, s / 2, generator)
-        hue = active * _uniform(n, -s / 4, s / 4, generator)
-        order = torch.randperm(4, generator=generator).tolist()
-        view = (n, 1, 1, 1)
-        for op in order:
+    def _apply(self, x: Tensor, params: _Params, rows: slice, scratch: Tensor) -> None:
+        """Augments the [0, 255] float chunk ``x`` (samples ``rows`` of the batch) in place."""
+        device = x.device
+        view = (x.shape[0], 1, 1, 1)
+        for op in params.order:
             if op == 0:
-                x = x.mul_(brightness.to(x).view(view)).clamp_(0.0, 1.0)
+                x.mul_(params.brightness[rows].to(device).view(view)).clamp_(0.0, 255.0)
             elif op == 1:
-                mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-                x = (x - mean).mul_(contrast.to(x).view(view)).add_(mean).clamp_(0.0, 1.0)
-            elif op == 2:
-                gray = _gray(x)
-                x = (x - gray).mul_(saturation.to(x).view(view)).add_(gray).clamp_(0.0, 1.0)
+                factor = params.contrast[rows].to(device)
+                mean = x.mean(dim=(2, 3)) @ _gray_weights(device)
+                x.mul_(factor.view(view)).add_(((1.0 - factor) * mean).view(view))
+                x.clamp_(0.0, 255.0)
             else:
-                matrices = _hue_matrices(hue).to(x)
-                x = torch.einsum("nij,njhw->nihw", matrices, x).clamp_(0.0, 1.0)
-        return x
+                matrices = params.saturation if op == 2 else params.hue
+                _apply_color_matrix(x, matrices[rows].to(device), scratch)
+        if params.grayscale is not None:
+            idx = _chosen(params.grayscale, rows, device)
+            if idx is not None:
+                x[idx] = _gray(x[idx]).expand(-1, 3, -1, -1)
+        if params.blur is not None:
+            idx = _chosen(params.blur, rows, device)
+            if idx is not None:
+                sigma = params.sigma[rows][params.blur[rows]]
+                x[idx] = _gaussian_blur(x[idx], sigma, params.blur_radius)
+        if params.solarize is not None:
+            idx = _chosen(params.solarize, rows, device)
+            if idx is not None:
+                sub = x[idx]
+                x[idx] = torch.where(sub >= 127.5, 255.0 - sub, sub)
