@@ -47,6 +47,7 @@ class DataConfig:
 
     dataset: str = "fashion_mnist"
     data_path: str | None = None
+    max_samples: int | None = None
     use_multicrop: bool = True
     multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
     num_workers: int = 4

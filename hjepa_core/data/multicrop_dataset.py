@@ -172,9 +172,10 @@ class MultiCropDatasetRaw(MultiCropDataset):
         split: str = "train",
         transform: MultiCropTransform | None = None,
         skip_bad_images: bool = True,
+        max_samples: int | None = None,
         **transform_kwargs,
     ) -> None:
-        super().__init__(build_source(dataset_name, data_path, split), transform, skip_bad_images,
+        super().__init__(build_source(dataset_name, data_path, split, max_samples), transform, skip_bad_images,
                          **transform_kwargs)
         self.dataset_name = dataset_name
         self.split = split
@@ -188,16 +189,19 @@ def build_multicrop_dataset(
     num_local_crops: int = 6,
     global_crop_size: int = 224,
     local_crop_size: int = 96,
+    max_samples: int | None = None,
     **kwargs,
 ) -> Dataset:
     """The seed's entry point: a named dataset (or shard URLs) as a multi-crop dataset.
 
-    ``kwargs`` go to :func:`build_multicrop_transform` (scales, jitter, adaptive ...).
+    ``max_samples`` keeps a fixed random subset; ``kwargs`` go to
+    :func:`build_multicrop_transform` (scales, jitter, adaptive ...).
     """
     return MultiCropDatasetRaw(
         dataset_name,
         data_path,
         split,
+        max_samples=max_samples,
         num_global_crops=num_global_crops,
         num_local_crops=num_local_crops,
         global_crop_size=global_crop_size,

@@ -198,14 +198,43 @@ def _torchvision_source(name: str, data_path: str | Path | None, split: str) -> 
     return TorchvisionSource(ds, ds.classes)
 
 
-def build_source(dataset_name: str, data_path: str | Path | None = None, split: str = "train") -> Dataset:
+class SubsetSource(Dataset):
+    """A fixed random subset of a source (same subset for the same seed), keeping ``classes``."""
+
+    def __init__(self, dataset: Dataset, max_samples: int, seed: int = 0) -> None:
+        import torch
+
+        size = len(dataset)  # type: ignore[arg-type]
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+        self.dataset = dataset
+        self.indices = sorted(order[: min(max_samples, size)])
+        self.classes = list(getattr(dataset, "classes", []))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.dataset[self.indices[index]]
+
+
+def build_source(
+    dataset_name: str, data_path: str | Path | None = None, split: str = "train", max_samples: int | None = None
+) -> Dataset:
     """Returns the named dataset as ``(PIL image, label)`` samples with a ``classes`` list.
 
     Args:
         dataset_name: one of :data:`DATASET_NAMES`; ``imagefolder:PATH`` is accepted too.
         data_path: where the files are (required except for ``fashion_mnist``).
         split: ``train`` or ``test`` (``imagefolder`` uses ``data_path/split`` when it exists).
+        max_samples: keep a fixed random subset of this size (quick runs, CPU budgets).
     """
+    source = _build_full_source(dataset_name, data_path, split)
+    if max_samples is not None and max_samples < len(source):  # type: ignore[arg-type]
+        return SubsetSource(source, max_samples)
+    return source
+
+
+def _build_full_source(dataset_name: str, data_path: str | Path | None, split: str) -> Dataset:
     name, _, inline_path = dataset_name.partition(":")
     name = name.lower().replace("-", "_")
     data_path = inline_path or data_path

@@ -1,0 +1,157 @@
+"""MLflow tracking behind a small interface (the only module that imports mlflow).
+
+The URI comes from ``tracking.tracking_uri`` or ``MLFLOW_TRACKING_URI`` (else MLflow's own
+default). :func:`check_tracking_uri` fails fast, before any training, when a server is not
+reachable. :class:`NullTracker` stands in when tracking is off and on non-zero ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking server cannot be reached; the message says what to do."""
+
+
+class NullTracker:
+    """Does nothing; used when tracking is disabled and on non-zero ranks."""
+
+    run_id: str | None = None
+    experiment_id: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Logs run parameters."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Logs metric values at ``step``."""
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Uploads a file as a run artifact."""
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Sets run tags."""
+
+    def log_encoder(self, encoder: nn.Module, registered_model_name: str | None) -> None:
+        """Logs (and registers) the encoder."""
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Ends the run."""
+
+
+def resolve_tracking_uri(uri: str | None) -> str | None:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def check_tracking_uri(uri: str | None, timeout: float = 5.0) -> None:
+    """Raises :class:`TrackingUnavailableError` when an http(s) server does not answer."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status >= 400:
+                raise TrackingUnavailableError(f"MLflow server {uri} answered {response.status} on /health")
+    except (urllib.error.URLError, OSError) as exc:
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {uri} is unreachable ({exc}). Start it "
+            "(`mlflow server --host 127.0.0.1 --port 5000`), fix MLFLOW_TRACKING_URI / "
+            "tracking.tracking_uri, or run with tracking.enabled=false."
+        ) from exc
+
+
+def git_commit(cwd: str | Path = ".") -> str | None:
+    """The current git commit of ``cwd``, if it is a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class MlflowTracker(NullTracker):
+    """Logs one MLflow run (optionally nested under ``parent_run_id``)."""
+
+    def __init__(
+        self,
+        experiment: str,
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        parent_run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        import mlflow
+
+        self._mlflow = mlflow
+        uri = resolve_tracking_uri(tracking_uri)
+        check_tracking_uri(uri)
+        if uri:
+            mlflow.set_tracking_uri(uri)
+        self._client = mlflow.MlflowClient()
+        mlflow_experiment = mlflow.set_experiment(experiment)
+        self.experiment_id = mlflow_experiment.experiment_id
+        all_tags = dict(tags or {})
+        commit = git_commit()
+        if commit:
+            all_tags.setdefault("git_commit", commit)
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self._client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+        self.run_id = run.info.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        for start in range(0, len(items), 500):
+            self._client.log_batch(self.run_id, metrics=items[start:start + 500])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self._client.set_tag(self.run_id, key, value)
+
+    def log_encoder(self, encoder: nn.Module, registered_model_name: str | None) -> None:
+        """Logs the encoder as an MLflow PyTorch model and registers it when a name is given."""
+        with self._mlflow.start_run(run_id=self.run_id, nested=True):
+            self._mlflow.pytorch.log_model(
+                encoder,
+                name="encoder",
+                registered_model_name=registered_model_name,
+                serialization_format="pickle",
+                pip_requirements=["torch", "hjepa"],
+            )
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._client.set_terminated(self.run_id, status=status)
+
+
+def start_tracker(tracking_cfg: Any, enabled: bool = True) -> NullTracker:
+    """An :class:`MlflowTracker` when tracking is on for this process, else a :class:`NullTracker`."""
+    if not (enabled and tracking_cfg.enabled):
+        return NullTracker()
+    return MlflowTracker(
+        experiment=tracking_cfg.experiment,
+        run_name=tracking_cfg.run_name,
+        tracking_uri=tracking_cfg.tracking_uri,
+        parent_run_id=tracking_cfg.parent_run_id,
+        tags=tracking_cfg.tags,
+    )

@@ -1,0 +1,368 @@
+"""The H-JEPA training engine behind ``hjepa train``, the DVC stage and the KFP component.
+
+One loop for CPU, one GPU and torchrun DDP: keyed data randomness (exact mid-epoch resume),
+bf16 autocast on CUDA (fp16 + GradScaler on request), gradient accumulation and clipping,
+per-step LR / weight-decay / EMA schedules, atomic checkpoints (also on SIGTERM), MLflow
+logging from rank 0, and the outputs a later stage needs (encoder weights + config).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from hjepa_core.config import Config
+from hjepa_core.data.multicrop_dataset import MultiCropBatch, build_multicrop_dataloader, build_multicrop_dataset
+from hjepa_core.losses import collapse_metrics
+from hjepa_core.models.hjepa import HJEPA, build_hjepa
+from hjepa_core.plots import plot_curves
+from hjepa_core.tracking import start_tracker
+from hjepa_core.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from hjepa_core.train.distributed import DistInfo, init_distributed, shutdown_distributed
+from hjepa_core.train.optim import build_optimizer, set_schedule
+from hjepa_core.train.schedules import cosine_schedule, ema_momentum
+from hjepa_core.utils import atomic_torch_save, atomic_write_text
+
+ENCODER_FILE = "encoder.pt"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or pre-empted) run leaves behind."""
+
+    output_dir: Path
+    encoder_path: Path | None
+    metrics: dict[str, Any]
+    run_id: str | None
+    steps: int
+    preempted: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"training.device={name} but CUDA is not available; use training.device=cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA for ``auto``; fp32 (no autocast) on CPU unless asked."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def save_encoder(model: HJEPA, config: Config, path: Path) -> Path:
+    """The target encoder's weights with its architecture and the run's config."""
+    encoder = model.target_encoder
+    state = {"arch": encoder.arch(), "state_dict": encoder.state_dict(), "config": config.to_dict()}
+    return atomic_torch_save(state, path)
+
+
+class _PreemptionFlag:
+    """Turns SIGTERM (Kubernetes pre-emption) into a flag the loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _PreemptionFlag:
+        with contextlib.suppress(ValueError):  # signals only install in the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Trainer:
+    """Holds the state of one training run; :func:`train` is the entry point."""
+
+    def __init__(self, config: Config, resume: str | None = None, progress: bool = True) -> None:
+        self.config = config
+        t = config.training
+        self.device = resolve_device(t.device)
+        self.dist: DistInfo = init_distributed(self.device.type)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.output_dir = Path(t.output_dir)
+        self.progress = progress and self.dist.is_main
+        # Fail on an unreachable tracking server before any data or model work.
+        self.tracker = start_tracker(config.tracking, enabled=self.dist.is_main)
+        torch.manual_seed(t.seed)
+
+        crops = config.crops
+        self.dataset = build_multicrop_dataset(
+            dataset_name=config.data.dataset,
+            data_path=config.data.data_path,
+            split="train",
+            max_samples=config.data.max_samples,
+            num_global_crops=crops.num_global_crops,
+            num_local_crops=crops.num_local_crops,
+            global_crop_size=crops.global_crop_size,
+            local_crop_size=crops.local_crop_size,
+            global_crop_scale=crops.global_crop_scale,
+            local_crop_scale=crops.local_crop_scale,
+            global_color_jitter=crops.global_color_jitter,
+            local_color_jitter=crops.local_color_jitter,
+            adaptive=crops.adaptive,
+            min_local_crops=crops.min_local_crops,
+            max_local_crops=crops.max_local_crops,
+            warmup_epochs=crops.warmup_epochs,
+        )
+        self.loader = build_multicrop_dataloader(
+            self.dataset,
+            batch_size=t.batch_size,
+            num_workers=config.data.num_workers,
+            seed=t.seed,
+            mask_generator=config.build_mask_generator(),
+            defer_photometric=self.device.type == "cuda",
+            pin_memory=config.data.pin_memory and self.device.type == "cuda",
+            persistent_workers=True,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        self.batches_per_epoch = len(self.loader)
+        self.steps_per_epoch = self.batches_per_epoch // t.accumulation_steps
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"one epoch has {self.batches_per_epoch} batches, fewer than training.accumulation_steps="
+                f"{t.accumulation_steps}; lower accumulation_steps or batch_size"
+            )
+        self.total_steps = t.epochs * self.steps_per_epoch
+        if t.max_steps is not None:
+            self.total_steps = min(self.total_steps, t.max_steps)
+        self.warmup_steps = int(t.warmup_epochs * self.steps_per_epoch)
+
+        self.model = build_hjepa(config).to(self.device)
+        self.optimizer = build_optimizer(self.model, t.lr)
+        self.amp_dtype = autocast_dtype(t.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.step = 0
+        self.epoch = 0
+        self.next_batch = 0
+        self.history: list[dict[str, float]] = []
+        if resume:
+            path = resolve_resume(resume, self.output_dir)
+            if path is not None:
+                self._load(path)
+        if t.compile:
+            self.model.encoder.compile()
+            self.model.predictor.compile()
+        self.ddp = (
+            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.dist.enabled else None
+        )
+
+    # -- state -----------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "next_batch": self.next_batch,
+            "history": self.history,
+            "rng_cpu": torch.get_rng_state(),
+            "config": self.config.to_dict(),
+        }
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ValueError(f"{path} does not match this config's model ({exc}); resume with its own config") from exc
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.next_batch = state["step"], state["epoch"], state["next_batch"]
+        self.history = list(state.get("history", []))
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        return save_checkpoint(self._state(), self.output_dir / "checkpoints", self.step,
+                               self.config.training.keep_last_checkpoints)
+
+    # -- loop ------------------------------------------------------------------------------
+    def _schedules(self) -> dict[str, float]:
+        t = self.config.training
+        return {
+            "lr": cosine_schedule(self.step, self.total_steps, t.lr, t.min_lr, self.warmup_steps),
+            "weight_decay": cosine_schedule(self.step, self.total_steps, t.weight_decay, t.weight_decay_end),
+            "ema_momentum": ema_momentum(self.step, self.total_steps, t.ema_momentum, t.ema_momentum_end),
+        }
+
+    def _prepare(self, batch: MultiCropBatch) -> MultiCropBatch:
+        batch = batch.to(self.device)
+        if not batch.normalized:
+            generator = torch.Generator().manual_seed(batch.seed) if batch.seed is not None else None
+            batch.crops = self.dataset.transform.photometric(batch.crops, batch.num_global_crops, generator)
+            batch.normalized = True
+        return batch
+
+    def _reduce(self, values: dict[str, float]) -> dict[str, float]:
+        if not self.dist.enabled:
+            return values
+        keys = sorted(values)
+        tensor = torch.tensor([values[k] for k in keys], device=self.device, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return {k: float(v) / self.dist.world_size for k, v in zip(keys, tensor.tolist(), strict=True)}
+
+    def run(self) -> TrainResult:
+        t, cfg = self.config.training, self.config
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.output_dir / "config.yaml")
+            self.tracker.log_params(cfg.flat())
+            self.tracker.log_artifact(self.output_dir / "config.yaml")
+        net = self.ddp or self.model
+        self.model.train()
+        window: dict[str, float] = {}
+        window_images, window_start = 0, time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train",
+                   dynamic_ncols=True)
+        preempted = False
+        first_batch: MultiCropBatch | None = None
+        with _PreemptionFlag() as flag:
+            while self.step < self.total_steps and not preempted:
+                self.loader.batch_sampler.set_epoch(self.epoch)
+                self.loader.batch_sampler.skip_batches(self.next_batch)
+                if hasattr(self.dataset.transform, "set_epoch"):
+                    self.dataset.transform.set_epoch(self.epoch)
+                micro = 0
+                self.optimizer.zero_grad(set_to_none=True)
+                for batch_index, cpu_batch in enumerate(self.loader, start=self.next_batch):
+                    if first_batch is None and self.dist.is_main:
+                        first_batch = cpu_batch
+                    batch = self._prepare(cpu_batch)
+                    micro += 1
+                    last_micro = micro == t.accumulation_steps
+                    sync = contextlib.nullcontext() if (last_micro or self.ddp is None) else self.ddp.no_sync()
+                    with sync:
+                        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                            enabled=self.amp_dtype is not None):
+                            out = net(batch)
+                        self.scaler.scale(out.loss / t.accumulation_steps).backward()
+                    window_images += batch.batch_size
+                    for name, value in out.parts.items():
+                        window[name] = window.get(name, 0.0) + float(value) / t.accumulation_steps
+                    window["loss"] = window.get("loss", 0.0) + float(out.loss.detach()) / t.accumulation_steps
+                    if not last_micro:
+                        continue
+                    micro = 0
+                    schedule = self._schedules()
+                    set_schedule(self.optimizer, schedule["lr"], schedule["weight_decay"])
+                    self.scaler.unscale_(self.optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.model.update_target(schedule["ema_momentum"])
+                    self.step += 1
+                    self.next_batch = batch_index + 1
+                    bar.update(1)
+                    window["grad_norm"] = window.get("grad_norm", 0.0) + float(grad_norm)
+                    window["steps"] = window.get("steps", 0.0) + 1
+                    if self.step % cfg.loss.collapse_every == 0 or self.step == 1:
+                        self._log(collapse_metrics(out.pooled_targets.detach()))
+                    if self.step % t.log_every == 0 or self.step == self.total_steps:
+                        elapsed = time.perf_counter() - window_start
+                        steps = window.pop("steps")
+                        metrics = {k: v / steps for k, v in window.items()}
+                        metrics = self._reduce(metrics)
+                        metrics.update(schedule)
+                        metrics["images_per_s"] = window_images * self.dist.world_size / max(elapsed, 1e-9)
+                        metrics["epoch"] = self.epoch
+                        if self.device.type == "cuda":
+                            metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                        self._log(metrics)
+                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
+                        window, window_images, window_start = {}, 0, time.perf_counter()
+                    if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0:
+                        self.save_checkpoint()
+                    if flag.raised or self.step >= self.total_steps:
+                        preempted = flag.raised
+                        break
+                else:
+                    self.epoch += 1
+                    self.next_batch = 0
+                if self.step < self.total_steps and self.next_batch >= self.batches_per_epoch:
+                    self.epoch, self.next_batch = self.epoch + 1, 0
+        bar.close()
+        self.save_checkpoint()
+        return self._finish(first_batch, preempted)
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if not self.dist.is_main:
+            return
+        self.history.append({"step": self.step, **metrics})
+        self.tracker.log_metrics(metrics, step=self.step)
+
+    def _finish(self, first_batch: MultiCropBatch | None, preempted: bool) -> TrainResult:
+        if not self.dist.is_main:
+            return TrainResult(self.output_dir, None, {}, None, self.step, preempted)
+        losses = [h for h in self.history if "loss" in h]
+        summary = {
+            "steps": self.step,
+            "epochs_completed": self.epoch,
+            "final_loss": losses[-1]["loss"] if losses else None,
+            "preempted": preempted,
+            "history": self.history,
+        }
+        atomic_write_text(self.output_dir / METRICS_FILE, json.dumps(summary, indent=2))
+        if preempted:
+            self.tracker.finish("KILLED")
+            return TrainResult(self.output_dir, None, summary, self.tracker.run_id, self.step, True)
+        encoder_path = save_encoder(self.model, self.config, self.output_dir / ENCODER_FILE)
+        curves = {
+            name: [(h["step"], h[name]) for h in losses if name in h]
+            for name in sorted({k for h in losses for k in h if k.startswith("loss")})
+        }
+        plot_curves(curves, self.output_dir / "loss_curve.png", title="H-JEPA training loss", ylabel="loss")
+        artifacts = [self.output_dir / METRICS_FILE, self.output_dir / "loss_curve.png", encoder_path]
+        if first_batch is not None and first_batch.masks is not None:
+            from hjepa_core.masks.visualize import render_multicrop_masks
+
+            artifacts.append(render_multicrop_masks(first_batch, self.output_dir / "crops_and_masks.png"))
+        for path in artifacts:
+            self.tracker.log_artifact(path)
+        self.tracker.log_metrics({"final_loss": summary["final_loss"] or float("nan")}, step=self.step)
+        self.tracker.log_encoder(self.model.target_encoder, self.config.tracking.registered_model_name)
+        self.tracker.finish("FINISHED")
+        return TrainResult(self.output_dir, encoder_path, summary, self.tracker.run_id, self.step)
+
+
+def train(config: Config, resume: str | None = None, progress: bool = True) -> TrainResult:
+    """Trains H-JEPA as ``config`` says; resumes from ``resume`` (a path or ``auto``)."""
+    trainer = Trainer(config, resume=resume, progress=progress)
+    try:
+        return trainer.run()
+    except BaseException:
+        trainer.tracker.finish("FAILED")
+        raise
+    finally:
+        shutdown_distributed()
