@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from hjepa_core.models.layers import sincos_embed
+from hjepa_core.models.vit import VisionTransformer
+
+
+@pytest.fixture
+def vit():
+    torch.manual_seed(0)
+    return VisionTransformer(patch_size=4, embed_dim=32, depth=2, num_heads=2).eval()
+
+
+def test_any_grid_size_and_kept_tokens(vit):
+    x = torch.randn(3, 3, 32, 32)
+    assert vit(x).shape == (3, 64, 32)
+    assert vit(torch.randn(3, 3, 16, 16)).shape == (3, 16, 32)
+    keep = torch.tensor([[0, 5, 9], [1, 2, 3], [60, 61, 63]])
+    assert vit(x, keep).shape == (3, 3, 32)
+
+
+def test_dropped_tokens_do_not_influence_kept_ones(vit):
+    x = torch.randn(1, 3, 32, 32)
+    keep = torch.arange(0, 64, 2)[None]
+    changed = x.clone()
+    changed[..., 4:8, 4:8] += 5.0  # patch (1, 1) = index 9, not kept
+    assert torch.allclose(vit(x, keep), vit(changed, keep), atol=1e-6)
+
+
+def test_rope_and_checkpointing_variants_run_and_match():
+    torch.manual_seed(0)
+    rope = VisionTransformer(patch_size=4, embed_dim=32, depth=2, num_heads=2, use_rope=True)
+    x = torch.randn(2, 3, 16, 16)
+    keep = torch.tensor([[0, 3, 7], [1, 2, 15]])
+    assert rope(x, keep).shape == (2, 3, 32)
+    torch.manual_seed(0)
+    plain = VisionTransformer(patch_size=4, embed_dim=32, depth=2, num_heads=2).train()
+    torch.manual_seed(0)
+    ckpt = VisionTransformer(patch_size=4, embed_dim=32, depth=2, num_heads=2, grad_checkpointing=True).train()
+    a, b = plain(x).sum(), ckpt(x).sum()
+    a.backward()
+    b.backward()
+    assert torch.allclose(a, b)
+    assert torch.allclose(plain.patch_embed.proj.weight.grad, ckpt.patch_embed.proj.weight.grad, atol=1e-6)
+
+
+def test_sincos_embedding_distinguishes_positions():
+    coords = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    table = sincos_embed(coords, 16)
+    assert table.shape == (4, 16)
+    assert torch.cdist(table, table).triu(1)[torch.ones(4, 4).triu(1).bool()].min() > 0.1

@@ -1,0 +1,66 @@
+import pytest
+
+from hjepa_core.config import ConfigError, load_config
+
+
+def test_fashion_mnist_config_loads_and_roundtrips(tmp_path):
+    from hjepa_core.config import config_from_dict
+
+    cfg = load_config("configs/fashion_mnist.yaml")
+    assert cfg.data.multicrop.global_crop_size == 32
+    path = cfg.save(tmp_path / "config.yaml")
+    assert config_from_dict(load_config(path).to_dict()).to_dict() == cfg.to_dict()
+
+
+def test_seed_template_keys():
+    cfg = load_config("configs/multicrop_training.yaml")
+    assert cfg.data.use_multicrop is True
+    assert cfg.data.multicrop.num_local_crops == 6
+    assert cfg.data.multicrop.local_crop_scale == (0.05, 0.4)
+    assert cfg.masking.strategy == "global_only"
+    assert cfg.model.encoder == "vit_base"
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["training.lr=1e-4", "training.epochs=3", "data.use_multicrop=false",
+                             "masking.base_scale=[0.1, 0.2]"])
+    assert cfg.training.lr == pytest.approx(1e-4)
+    assert cfg.training.epochs == 3
+    assert cfg.data.use_multicrop is False
+    assert cfg.masking.base_scale == (0.1, 0.2)
+    assert cfg.crops.num_local_crops == 0 and cfg.crops.num_global_crops == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.bach_size=2", "did you mean 'training.batch_size'"),
+        ("data.multicrop.num_local_crop=2", "data.multicrop.num_local_crops"),
+        ("training.epochs=abc", "training.epochs: expected an integer"),
+        ("masking.strategy=random", "masking.strategy='random' is not one of"),
+        ("data.multicrop.local_crop_size=256", "local_crop_size (256) must be <="),
+        ("data.multicrop.global_crop_size=230", "not divisible by model.patch_size"),
+        ("loss.hierarchy_weights=[1.0]", "give one weight per level"),
+        ("masking.num_hierarchies=6 loss.hierarchy_weights=[1,1,1,1,1,1]", "lower num_hierarchies"),
+        ("masking.base_scale=[0.9,1.0]", "lower base_scale"),
+        ("model.encoder=vit_huge", "model.encoder='vit_huge'"),
+        ("training.lr", "must look like key=value"),
+    ],
+)
+def test_bad_configs_name_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, override.split(" "))
+    assert message in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("trainig:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="did you mean 'training"):
+        load_config(unknown)

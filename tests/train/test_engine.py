@@ -1,0 +1,115 @@
+"""The training engine end to end on the embedded dataset (tiny model, CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hjepa_core.cli import main as cli_main
+from hjepa_core.config import load_config
+from hjepa_core.tracking import TrackingUnavailableError
+from hjepa_core.train import train
+from tests.tiny import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _cli(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "hjepa_core.cli", *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_loss_is_finite_and_falls(tmp_path):
+    cfg = load_config("configs/fashion_mnist.yaml",
+                      tiny_overrides(tmp_path, "training.max_steps=24", "training.warmup_epochs=0"))
+    result = train(cfg, progress=False)
+    losses = [h["loss"] for h in result.metrics["history"] if "loss" in h]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    for name in ("encoder.pt", "metrics.json", "config.yaml", "loss_curve.png", "crops_and_masks.png"):
+        assert (tmp_path / name).is_file(), name
+    saved = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    assert saved["arch"]["embed_dim"] == 32 and saved["config"]["training"]["max_steps"] == 24
+    assert any(k.startswith("collapse/") for h in result.metrics["history"] for k in h)
+
+
+def _final_weights(directory: Path) -> dict:
+    return torch.load(directory / "encoder.pt", weights_only=True)["state_dict"]
+
+
+def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
+    steps = ["training.max_steps=40", "training.checkpoint_every_steps=2", "training.accumulation_steps=2",
+             "data.max_samples=512", "training.batch_size=8"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ["train", "--config", "configs/fashion_mnist.yaml", "--no-progress"]
+    run = _cli(*args, *tiny_overrides(straight, *steps))
+    killed = _cli(*args, *tiny_overrides(resumed, *steps))
+    deadline = time.time() + 120
+    while not list((resumed / "checkpoints").glob("checkpoint-*.pt")) and time.time() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGTERM)
+    out, _ = killed.communicate(timeout=120)
+    assert killed.returncode == 143, out
+    assert not (resumed / "encoder.pt").exists()
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    assert metrics["preempted"] and 0 < metrics["steps"] < 40
+    again = _cli(*args, *tiny_overrides(resumed, *steps), "--resume")
+    assert again.wait(timeout=300) == 0, again.stdout.read()
+    assert run.wait(timeout=300) == 0, run.stdout.read()
+    a, b = _final_weights(straight), _final_weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_torchrun_ddp_keeps_ranks_identical(tmp_path):
+    out = tmp_path / "ddp.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+         str(ROOT / "tests" / "train" / "ddp_check.py"), str(out), str(tmp_path / "run")],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result == {"world_size": 2, "steps": 3, "online": True, "ema": True, "predictor": True,
+                      "ema_differs_from_online": True}
+
+
+def test_unreachable_mlflow_fails_before_training(tmp_path, capsys):
+    code = cli_main(["train", "--config", "configs/fashion_mnist.yaml",
+                     *tiny_overrides(tmp_path), "tracking.enabled=true",
+                     "tracking.tracking_uri=http://127.0.0.1:9"])
+    assert code == 2
+    assert "unreachable" in capsys.readouterr().err
+    assert not (tmp_path / "config.yaml").exists()
+    cfg = load_config("configs/fashion_mnist.yaml",
+                      tiny_overrides(tmp_path, "tracking.enabled=true", "tracking.tracking_uri=http://127.0.0.1:9"))
+    with pytest.raises(TrackingUnavailableError, match=r"tracking\.enabled=false"):
+        train(cfg, progress=False)
+
+
+def test_cli_reports_bad_config(tmp_path, capsys):
+    code = cli_main(["train", "--config", "configs/fashion_mnist.yaml", "training.bach_size=4"])
+    assert code == 2
+    assert "did you mean 'training.batch_size'" in capsys.readouterr().err
+
+
+def test_seed_command_starts_on_cpu(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", "--config", "configs/multicrop_training.yaml",
+         "--batch_size", "2", "--epochs", "1", "--lr", "1e-4", "--no-progress",
+         "data.dataset=fashion_mnist", "data.data_path=null", "data.max_samples=8", "data.num_workers=0",
+         "training.max_steps=1", "tracking.enabled=false", f"training.output_dir={tmp_path}"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "trained 1 steps" in proc.stdout
+    saved = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    assert saved["arch"]["embed_dim"] == 768 and saved["config"]["training"]["lr"] == pytest.approx(1e-4)
