@@ -195,8 +195,19 @@ def build_multicrop_dataset(
     """The seed's entry point: a named dataset (or shard URLs) as a multi-crop dataset.
 
     ``max_samples`` keeps a fixed random subset; ``kwargs`` go to
-    :func:`build_multicrop_transform` (scales, jitter, adaptive ...).
+    :func:`build_multicrop_transform` (scales, jitter, adaptive ...). A shard spec as
+    ``dataset_name`` or ``data_path`` gives a streaming
+    :class:`~hjepa_core.data.shards.ShardMultiCropDataset` (see
+    :func:`~hjepa_core.data.shards.build_shard_multicrop_dataset` for its extra ``kwargs``).
     """
+    from hjepa_core.data import shards  # here: shards imports this module
+
+    spec = shards.shard_spec_from(dataset_name, data_path)
+    if spec is not None:
+        return shards.build_shard_multicrop_dataset(
+            spec, split, max_samples=max_samples, num_global_crops=num_global_crops,
+            num_local_crops=num_local_crops, global_crop_size=global_crop_size,
+            local_crop_size=local_crop_size, **kwargs)
     return MultiCropDatasetRaw(
         dataset_name,
         data_path,

@@ -227,7 +227,15 @@ def build_source(
         data_path: where the files are (required except for ``fashion_mnist``).
         split: ``train`` or ``test`` (``imagefolder`` uses ``data_path/split`` when it exists).
         max_samples: keep a fixed random subset of this size (quick runs, CPU budgets).
+
+    A shard spec (``shards:DIR``, see :func:`hjepa_core.data.shards.shard_spec_from`) gives an
+    iterable :class:`~hjepa_core.data.shards.ShardSource` (each sample once across ranks and
+    workers; any split the manifest has).
     """
+    from hjepa_core.data import shards  # here: shards imports this module
+
+    if shards.shard_spec_from(dataset_name, data_path) is not None:
+        return shards.shard_source(dataset_name, data_path, split, max_samples)
     source = _build_full_source(dataset_name, data_path, split)
     if max_samples is not None and max_samples < len(source):  # type: ignore[arg-type]
         return SubsetSource(source, max_samples)
