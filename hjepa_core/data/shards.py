@@ -17,9 +17,10 @@ Writing (:func:`write_shards`, ``hjepa shard``)
     writer checks ``inputs == written + skipped``.
 
     Crash safety: every file is written under a hidden temporary name (``.NAME.PID.tmp``), fsynced
-    and renamed. Before a split is written its entry is removed from the manifest, and it is put
-    back only once all its shards are in place, so an interrupted run leaves no shard that looks
-    complete and no manifest that vouches for a partial split. Output bytes depend only on the
+    and renamed. Before a split is written its entry is removed from the manifest and its old
+    shards are deleted; the entry is put back only once all new shards are in place. So an
+    interrupted run leaves only whole shards of its own, no shard that looks complete but is
+    not, and no manifest that vouches for a partial split. Output bytes depend only on the
     input and the parameters (fixed tar metadata, ordered parallel map), so re-running is
     idempotent and ``workers`` does not change a single byte.
 
@@ -579,14 +580,14 @@ def _shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def _clean_split(out_dir: Path, split: str, keep: int | None) -> None:
-    """Removes this split's leftover temporaries and, with ``keep``, shards numbered >= keep."""
+def _clean_split(out_dir: Path, split: str, keep: int) -> None:
+    """Removes this split's leftover temporaries and its shards numbered >= ``keep``."""
     pattern = re.compile(rf"^(\.)?{re.escape(split)}-(\d{{6}})\.tar(\.\d+\.tmp)?$")
     for path in out_dir.iterdir():
         match = pattern.match(path.name)
         if match is None or bool(match.group(1)) != bool(match.group(3)):
             continue
-        if match.group(3) or (keep is not None and int(match.group(2)) >= keep):
+        if match.group(3) or int(match.group(2)) >= keep:
             path.unlink(missing_ok=True)
 
 
@@ -684,7 +685,7 @@ def write_shards(
     manifest = _load_manifest_or_new(out)
     if manifest["splits"].pop(split, None) is not None:
         _save_manifest(out, manifest)  # a crash from here on leaves the split unlisted
-    _clean_split(out, split, keep=None)
+    _clean_split(out, split, keep=0)  # no old shard may pass for part of this run
 
     from tqdm import tqdm
 
@@ -724,7 +725,6 @@ def write_shards(
             writer.abort()
         results.close()
     _fsync_dir(out)
-    _clean_split(out, split, keep=len(shards))
 
     written = sum(s["num_samples"] for s in shards)
     if written + len(skipped) != n_inputs:
