@@ -7,6 +7,7 @@ from hjepa_core.masks.multicrop_masking import (
     MultiCropMasks,
     local_roles,
 )
+from hjepa_core.masks.visualize import render_multicrop_masks
 
 __all__ = [
     "MASKING_STRATEGIES",
@@ -16,4 +17,5 @@ __all__ = [
     "MultiCropMaskGenerator",
     "MultiCropMasks",
     "local_roles",
+    "render_multicrop_masks",
 ]
