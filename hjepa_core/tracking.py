@@ -11,6 +11,7 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,74 @@ def start_tracker(tracking_cfg: Any, enabled: bool = True) -> NullTracker:
         parent_run_id=tracking_cfg.parent_run_id,
         tags=tracking_cfg.tags,
     )
+
+
+class ExperimentNotFoundError(LookupError):
+    """The named MLflow experiment does not exist at the tracking URI."""
+
+
+@dataclass
+class RunRecord:
+    """One MLflow run as plain values (what :func:`search_runs` returns)."""
+
+    run_id: str
+    run_name: str
+    status: str
+    start_time: int
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self.tags.get("mlflow.parentRunId")
+
+
+def _use_tracking_uri(tracking_uri: str | None) -> Any:
+    import mlflow
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(uri)
+    if uri:
+        mlflow.set_tracking_uri(uri)
+    return mlflow
+
+
+def search_runs(
+    experiment: str, tracking_uri: str | None = None, filter_string: str = "", max_results: int = 1000
+) -> list[RunRecord]:
+    """The runs of ``experiment`` (newest first) through ``mlflow.search_runs``.
+
+    Raises:
+        TrackingUnavailableError: the server does not answer.
+        ExperimentNotFoundError: no experiment of that name.
+    """
+    mlflow = _use_tracking_uri(tracking_uri)
+    if mlflow.MlflowClient().get_experiment_by_name(experiment) is None:
+        raise ExperimentNotFoundError(
+            f"MLflow experiment {experiment!r} not found at {mlflow.get_tracking_uri()}; "
+            "check the name (`mlflow experiments search`) and MLFLOW_TRACKING_URI / --tracking_uri"
+        )
+    runs = mlflow.search_runs(
+        experiment_names=[experiment], filter_string=filter_string, max_results=max_results,
+        order_by=["attributes.start_time DESC"], output_format="list",
+    )
+    return [
+        RunRecord(
+            run_id=run.info.run_id,
+            run_name=run.info.run_name or run.info.run_id[:8],
+            status=run.info.status,
+            start_time=int(run.info.start_time or 0),
+            params=dict(run.data.params),
+            metrics=dict(run.data.metrics),
+            tags=dict(run.data.tags),
+        )
+        for run in runs
+    ]
+
+
+def metric_history(run_id: str, key: str, tracking_uri: str | None = None) -> list[tuple[int, float]]:
+    """``(step, value)`` points of one metric of one run, in step order."""
+    mlflow = _use_tracking_uri(tracking_uri)
+    history = mlflow.MlflowClient().get_metric_history(run_id, key)
+    return sorted((int(m.step), float(m.value)) for m in history)
