@@ -7,6 +7,9 @@ Writing (:func:`write_shards`, ``hjepa shard``)
     class, the class names, every shard's sample count, byte size and sha256, the skipped
     inputs with their reasons, the source and the parameters.
 
+    Samples are written in a seeded random order (``shuffle``; keys keep the source index), so
+    shards of class-sorted sources are class-mixed and a reader's shuffle buffer suffices.
+
     Storage policy: an image file whose format already is the requested one (PNG for ``png``,
     JPEG for ``jpeg``) and whose mode is ``RGB`` or ``L`` is stored byte for byte (no JPEG
     generation loss, no wasted CPU). Anything else is decoded, converted with
@@ -486,7 +489,7 @@ def _init_worker(source: Dataset | None, options: _EncodeOptions, classes: list[
     _WORKER_STATE = (source, options, classes, files) if source is not None else None
 
 
-def _encode_chunk(indices: range) -> list[_Encoded | _Skipped]:
+def _encode_chunk(indices: Sequence[int]) -> list[_Encoded | _Skipped]:
     source, options, classes, files = _WORKER_STATE  # type: ignore[misc]
     return [_encode_index(source, i, options, classes, files) for i in indices]
 
@@ -591,11 +594,19 @@ def _clean_split(out_dir: Path, split: str, keep: int) -> None:
             path.unlink(missing_ok=True)
 
 
+def shuffled_order(count: int, seed: int) -> list[int]:
+    """A seeded permutation of ``range(count)`` that no library upgrade can change (indices
+    sorted by a keyed BLAKE2 hash)."""
+    key = seed.to_bytes(16, "little", signed=True)
+    return sorted(range(count), key=lambda i: hashlib.blake2b(
+        i.to_bytes(8, "little"), digest_size=8, key=key).digest())
+
+
 def _results(source: Dataset, options: _EncodeOptions, classes: list[str], workers: int,
-             chunk_size: int = 64) -> Iterator[_Encoded | _Skipped]:
-    """Encoded samples in source order, computed by ``workers`` processes."""
-    n = len(source)  # type: ignore[arg-type]
-    chunks = [range(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+             order: list[int], chunk_size: int = 64) -> Iterator[_Encoded | _Skipped]:
+    """Encoded samples in ``order``, computed by ``workers`` processes."""
+    n = len(order)
+    chunks = [order[s:s + chunk_size] for s in range(0, n, chunk_size)]
     if workers <= 1 or n <= chunk_size:
         _init_worker(source, options, classes)
         try:
@@ -623,6 +634,8 @@ def write_shards(
     image_format: str = "png",
     quality: int = 95,
     workers: int = 1,
+    shuffle: bool = True,
+    seed: int = 0,
     progress: bool = True,
     source_name: str | None = None,
 ) -> dict:
@@ -643,6 +656,10 @@ def write_shards(
         image_format: ``png`` (lossless) or ``jpeg``.
         quality: JPEG quality (1-100) when re-encoding to JPEG.
         workers: encoding processes (0: all CPUs); the output is the same for any value.
+        shuffle: write the samples in a seeded random order (class-sorted sources such as
+            image folders would otherwise give single-class shards, which a reader's shuffle
+            buffer cannot mix); keys keep each sample's source index.
+        seed: the order's seed.
         progress: show a progress bar.
         source_name: name recorded in the manifest (defaults to the spec or the class name).
 
@@ -678,7 +695,7 @@ def write_shards(
     params = {"split": split, "data_path": data_path, "max_samples": max_samples,
               "samples_per_shard": samples_per_shard,
               "max_shard_bytes": max_shard_bytes, "image_format": image_format,
-              "quality": quality, "workers": workers}
+              "quality": quality, "workers": workers, "shuffle": shuffle, "seed": seed}
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -695,7 +712,8 @@ def write_shards(
     class_counts: Counter[int] = Counter()
     converted = reencoded = 0
     writer: _ShardWriter | None = None
-    results = _results(dataset, options, classes, workers)
+    order = shuffled_order(n_inputs, seed) if shuffle else list(range(n_inputs))
+    results = _results(dataset, options, classes, workers, order)
     try:
         with tqdm(total=n_inputs, desc=f"shard {split}", unit="img", disable=not progress,
                   dynamic_ncols=True) as bar:
@@ -967,14 +985,16 @@ class _ShardStream(IterableDataset):
             shard_source = ResampledShards(self.shards.urls, seed=stream_seed, deterministic=True,
                                            worker_seed=lambda: 0)
             stages: list[Any] = [shard_source, self._open, group_by_keys]
-            if self.shuffle_buffer > 1:
-                import random
-
-                rng = random.Random(stream_seed)
-                stages.append(wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng))
             mine = _share(int(self.epoch_samples), worker, workers)  # type: ignore[arg-type]
             if mine == 0:
                 return iter(())
+            # What the buffer holds when the epoch ends is read for nothing: keep it <= 5%.
+            buffer = min(self.shuffle_buffer, mine // 20)
+            if buffer > 1:
+                import random
+
+                rng = random.Random(stream_seed)
+                stages.append(wds.shuffle(buffer, min(buffer, 100), rng=rng))
             return iter(wds.DataPipeline(*stages).with_epoch(mine))  # with_epoch: fixed length
         plan = self._plan(rank, world, worker, workers)
         if plan.notes and worker == 0 and rank == 0:
@@ -1077,7 +1097,8 @@ class ShardMultiCropDataset(_ShardStream):
         kwargs: the options below; anything else goes to :func:`build_multicrop_transform`.
         manifest: a manifest for shards that have none next to them.
         epoch_samples: samples per rank per epoch in training mode.
-        shuffle_buffer: sample shuffle buffer per worker in training mode (<= 1: off).
+        shuffle_buffer: sample shuffle buffer per worker in training mode (<= 1: off), capped
+            at 1/20 of the worker's epoch share (what it holds at the epoch's end is wasted).
         seed: base seed.
         verify: check each shard's sha256 against the manifest as it is read.
         skip_bad_images: yield None (dropped and counted by the collator) for unreadable
@@ -1205,6 +1226,9 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality 1-100 (default 95)")
     parser.add_argument("--workers", type=int, default=1,
                         help="encoding processes (0: all CPUs); output is identical for any value")
+    parser.add_argument("--no-shuffle", action="store_true",
+                        help="keep the source order (default: a seeded random order)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample order")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -1219,7 +1243,7 @@ def run_shard(args: argparse.Namespace) -> int:
             max_samples=args.max_samples,
             samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
             image_format=args.image_format, quality=args.quality, workers=args.workers,
-            progress=not args.no_progress,
+            shuffle=not args.no_shuffle, seed=args.seed, progress=not args.no_progress,
         )
     except (DatasetNotFoundError, ValueError, OSError) as exc:
         print(f"hjepa shard: error: {exc}", file=sys.stderr)

@@ -34,6 +34,7 @@ from hjepa_core.data.shards import (
     parse_byte_size,
     read_manifest,
     shard_spec_from,
+    shuffled_order,
     write_shards,
 )
 from hjepa_core.data.sources import ArrayImageDataset
@@ -92,14 +93,20 @@ def test_round_trip_content_and_manifest(fm_small, fm_shards):
     for shard in info["shards"]:
         data = (fm_shards / shard["name"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == shard["sha256"] and len(data) == shard["bytes"]
-    # Standard tar: three members per sample, named <key>.<ext>.
-    with tarfile.open(fm_shards / "train-000002.tar") as tar:
-        names = tar.getnames()
-        record = json.loads(tar.extractfile("train_000000256.json").read())
-    assert len(names) == 3 * 44 and names[:3] == ["train_000000256.cls", "train_000000256.json",
-                                                  "train_000000256.png"]
-    assert record["source_id"] == "fm:train:256" and record["original_size"] == [28, 28]
-    assert record["label"] == int(fm_small.labels[256]) and record["stored"] == "reencoded"
+    # Standard tar: three members per sample, named <key>.<ext>, in the seeded shuffled order.
+    names = []
+    for shard in info["shards"]:
+        with tarfile.open(fm_shards / shard["name"]) as tar:
+            names += tar.getnames()
+            if shard["name"] == "train-000002.tar":
+                first = tar.getnames()[0].split(".")[0]
+                record = json.loads(tar.extractfile(f"{first}.json").read())
+    order = shuffled_order(N, 0)
+    assert names == [f"train_{i:09d}.{ext}" for i in order for ext in ("cls", "json", "png")]
+    assert order != sorted(order) and sorted(order) == list(range(N))
+    index = order[256]
+    assert record["source_id"] == f"fm:train:{index}" and record["original_size"] == [28, 28]
+    assert record["label"] == int(fm_small.labels[index]) and record["stored"] == "reencoded"
 
     source = build_source(f"shards:{fm_shards}", split="train")
     assert isinstance(source, ShardSource) and len(source) == N and source.classes == manifest["classes"]
@@ -257,7 +264,7 @@ def test_interrupted_write_leaves_no_complete_looking_shard(fm_small, fm_shards,
     write_shards(fm_small, tmp_path, "train", samples_per_shard=128, progress=False, source_name="fm")
     with pytest.raises(RuntimeError, match="storage went away"):
         write_shards(_FailingSource(fm_small, 200), tmp_path, "train", samples_per_shard=64,
-                     progress=False)
+                     shuffle=False, progress=False)
     assert [n for n in _tars(tmp_path) if n.startswith("train")] == ["train-000000.tar", "train-000001.tar"]
     _assert_only_complete_shards(tmp_path, "train", 64)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -266,9 +273,10 @@ def test_interrupted_write_leaves_no_complete_looking_shard(fm_small, fm_shards,
     with pytest.raises(ValueError, match="split 'train' is not in the manifest"):
         ShardSource(tmp_path, "train")
 
-    # A hard kill (no cleanup at all) while shard 2 is open under its temporary name.
+    # A hard kill (no cleanup at all) while shard 2 is open under its temporary name (source
+    # order: samples 0-191 come in 64-sample chunks, the chunk holding 200 never does).
     context = multiprocessing.get_context("fork")
-    kwargs = dict(samples_per_shard=64, progress=False)
+    kwargs = dict(samples_per_shard=64, shuffle=False, progress=False)
     child = context.Process(target=write_shards, args=(_FailingSource(fm_small, 200, hang=True),
                                                        tmp_path, "train"), kwargs=kwargs)
     child.start()
@@ -297,7 +305,9 @@ def test_cli_arguments(fm_small, tmp_path, capsys):
     assert code == 0 and "50 inputs = 50 written in 3 shard(s)" in capsys.readouterr().out
     info = read_manifest(tmp_path)["splits"]["test"]
     assert info["params"]["image_format"] == "jpeg" and info["params"]["max_samples"] == 50
-    assert (tmp_path / "test-000000.tar").exists()
+    assert main(["--source", "fashion_mnist", "--out", str(tmp_path), "--split", "test",
+                 "--max-samples", "50", "--no-shuffle", "--no-progress"]) == 0
+    assert _indices(ShardSource(tmp_path, "test")) == sorted(_indices(ShardSource(tmp_path, "test")))
     assert main(["--source", "imagefolder:/nonexistent", "--out", str(tmp_path)]) == 2
     assert "not a directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
