@@ -67,9 +67,26 @@ class HierarchicalMasks:
 
 def _block_shape(scale: float, aspect: float, grid: int) -> tuple[int, int]:
     area = scale * grid * grid
-    h = max(1, int(round(math.sqrt(area * aspect))))
-    w = max(1, int(round(math.sqrt(area / aspect))))
+    h = max(1, round(math.sqrt(area * aspect)))
+    w = max(1, round(math.sqrt(area / aspect)))
     return h, w
+
+
+def _random_subset(cells: Tensor, keep: int, generator: torch.Generator | None) -> Tensor:
+    """(B, keep) sorted indices: a uniform random subset of each row's True cells.
+
+    Context cells score in (1, 2), others in (0, 1), so the ``keep`` highest scores are
+    ``keep`` random context cells; a per-row threshold (k-th value) selects them and
+    ``nonzero`` lists them in index order (cheaper than top-k and a sort).
+    """
+    scores = torch.rand(cells.shape, generator=generator) + cells.float()
+    if keep == 0:
+        return torch.zeros(cells.shape[0], 0, dtype=torch.long)
+    threshold = scores.kthvalue(cells.shape[1] - keep + 1, dim=1, keepdim=True).values
+    chosen = scores >= threshold
+    if int(chosen.sum()) == cells.shape[0] * keep:
+        return chosen.nonzero()[:, 1].view(-1, keep)
+    return scores.topk(keep, dim=1).indices.sort(dim=1).values  # a tie at a threshold
 
 
 class HierarchicalMaskGenerator:
@@ -201,7 +218,9 @@ class HierarchicalMaskGenerator:
         cells = torch.arange(fine)
         in_rows = (cells >= top[..., None] * factor) & (cells < (top[..., None] + h) * factor)
         in_cols = (cells >= left[..., None] * factor) & (cells < (left[..., None] + w) * factor)
-        return (in_rows[..., :, None] & in_cols[..., None, :]).any(dim=1)
+        # A cell is covered when some block spans both its row and its column: count such
+        # blocks with one batched (fine x M) @ (M x fine) product.
+        return torch.bmm(in_rows.transpose(1, 2).float(), in_cols.float()) > 0
 
     def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> HierarchicalMasks:
         generator = generator if generator is not None else self._generator
@@ -238,10 +257,7 @@ class HierarchicalMaskGenerator:
                 f"{self.max_redraws} tries; lower num_target_masks or base_scale"
             )
         keep = int(context.sum(1).min())
-        # Uniform subset of each sample's context, all of size `keep`: context cells score in
-        # (1, 2), others in (0, 1), so top-k picks `keep` random context cells.
-        scores = torch.rand(context.shape, generator=generator) + context.float()
-        context_idx = scores.topk(keep, dim=1).indices.sort(dim=1).values
+        context_idx = _random_subset(context, keep, generator)
         targets = [self._block_indices(top, left, shape, side)
                    for (top, left), shape, side in zip(corners, shapes, self.grid_sizes, strict=True)]
         return HierarchicalMasks(context_idx, targets, list(self.grid_sizes))
