@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -199,7 +200,9 @@ def markdown(report: dict) -> str:
         "# Data-path benchmark: hjepa_core vs lightly",
         "",
         f"Machine: {report['machine']['cpu']}, torch {report['machine']['torch']}, lightly "
-        f"{report['machine']['lightly']}; one thread, one process (per core).",
+        f"{report['machine']['lightly']}; one thread, one process (per core); "
+        f"{report['machine']['cores']} cores, load average "
+        f"{report['machine']['load_average_1m_at_start']:.1f} at start (other work shares them).",
         "",
         "## Multi-crop transform (2 x 224 + 6 x 96, jitter 0.4 p 0.8, flip 0.5, normalise)",
         "",
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--mask-batch", type=int, default=256)
-    parser.add_argument("--mask-repeats", type=int, default=7)
+    parser.add_argument("--mask-repeats", type=int, default=15)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
 
@@ -262,7 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(),
                     "python": platform.python_version(), "torch": torch.__version__,
-                    "lightly": lightly.__version__, "threads": torch.get_num_threads()},
+                    "lightly": lightly.__version__, "threads": torch.get_num_threads(),
+                    "cores": os.cpu_count(), "load_average_1m_at_start": os.getloadavg()[0]},
         "transform": bench_transform(args.images, args.batch_size, args.repeats),
         "masks": bench_masks(args.mask_batch, args.mask_repeats),
     }
