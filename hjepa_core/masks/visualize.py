@@ -179,8 +179,10 @@ def render_multicrop_masks(
     for row in range(n_rows):
         for col in range(n_cols):
             image = crop_to_display(batch.crops[col][row], batch.normalized, mean, std)
-            if col < n_global:
+            if col < min(n_global, len(masks.global_masks)):
                 panel = _global_panel(image, masks.global_masks[col], row, size)
+            elif col < n_global:  # a global crop the generator made no masks for
+                panel = _resize(image, size)
             else:
                 panel = _local_panel(image, roles[col - n_global], size)
             y, x = row * (size + GAP), col * (size + GAP)
