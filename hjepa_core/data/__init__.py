@@ -20,7 +20,6 @@ from hjepa_core.data.multicrop_transforms import (
     build_multicrop_transform,
 )
 from hjepa_core.data.photometric import AugmentPolicy, BatchPhotometric
-from hjepa_core.data.shards import ShardMultiCropDataset, ShardSource, write_shards
 from hjepa_core.data.sources import DATASET_NAMES, DatasetNotFoundError, build_source
 
 __all__ = [
@@ -40,13 +39,10 @@ __all__ = [
     "MultiCropSample",
     "MultiCropTransform",
     "SeededBatchSampler",
-    "ShardMultiCropDataset",
-    "ShardSource",
     "build_multicrop_dataloader",
     "build_multicrop_dataset",
     "build_multicrop_transform",
     "build_source",
     "load_image",
     "to_rgb",
-    "write_shards",
 ]
