@@ -60,7 +60,7 @@ import re
 import sys
 import tarfile
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset
@@ -234,12 +235,16 @@ class ShardList:
         return list((self.manifest or {}).get("classes", []))
 
     def shard_info(self, url: str) -> dict | None:
-        """The manifest's record of a shard (by file name), or None."""
-        info = self.split_info
-        if info is None:
+        """The manifest's record of a shard (by file name, in this split first), or None."""
+        if self.manifest is None:
             return None
         name = url.rsplit("/", 1)[-1]
-        return next((s for s in info["shards"] if s["name"] == name), None)
+        splits = self.manifest.get("splits", {})
+        for info in sorted(splits.values(), key=lambda i: i is not self.split_info):
+            found = next((s for s in info["shards"] if s["name"] == name), None)
+            if found is not None:
+                return found
+        return None
 
     def shard_counts(self) -> list[int] | None:
         """Samples per shard in ``urls`` order, or None when the manifest does not say."""
@@ -583,30 +588,35 @@ def _shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def _clean_split(out_dir: Path, split: str, keep: int) -> None:
-    """Removes this split's leftover temporaries and its shards numbered >= ``keep``."""
-    pattern = re.compile(rf"^(\.)?{re.escape(split)}-(\d{{6}})\.tar(\.\d+\.tmp)?$")
+def _clean_split(out_dir: Path, split: str) -> None:
+    """Removes this split's shards and leftover temporaries of earlier runs."""
+    pattern = re.compile(rf"^{re.escape(split)}-\d{{6}}\.tar$|^\.{re.escape(split)}-\d{{6}}\.tar\.\d+\.tmp$")
     for path in out_dir.iterdir():
-        match = pattern.match(path.name)
-        if match is None or bool(match.group(1)) != bool(match.group(3)):
-            continue
-        if match.group(3) or int(match.group(2)) >= keep:
+        if pattern.match(path.name):
             path.unlink(missing_ok=True)
 
 
 def shuffled_order(count: int, seed: int) -> list[int]:
-    """A seeded permutation of ``range(count)`` that no library upgrade can change (indices
-    sorted by a keyed BLAKE2 hash)."""
-    key = seed.to_bytes(16, "little", signed=True)
-    return sorted(range(count), key=lambda i: hashlib.blake2b(
-        i.to_bytes(8, "little"), digest_size=8, key=key).digest())
+    """A seeded permutation of ``range(count)`` that no library upgrade can change: indices
+    sorted by a SplitMix64 hash of ``(index, seed)`` (plain uint64 arithmetic)."""
+    mask = (1 << 64) - 1
+    z = np.arange(count, dtype=np.uint64) ^ np.uint64((seed * 0x9E3779B97F4A7C15) & mask)
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return np.argsort(z, kind="stable").tolist()
 
 
 def _results(source: Dataset, options: _EncodeOptions, classes: list[str], workers: int,
              order: list[int], chunk_size: int = 64) -> Iterator[_Encoded | _Skipped]:
-    """Encoded samples in ``order``, computed by ``workers`` processes."""
+    """Encoded samples in ``order``, computed by ``workers`` processes.
+
+    At most ``4 x workers`` chunks are in flight, so a slow disk cannot make encoded samples
+    pile up in memory.
+    """
     n = len(order)
-    chunks = [order[s:s + chunk_size] for s in range(0, n, chunk_size)]
+    chunks = (order[s:s + chunk_size] for s in range(0, n, chunk_size))
     if workers <= 1 or n <= chunk_size:
         _init_worker(source, options, classes)
         try:
@@ -618,7 +628,12 @@ def _results(source: Dataset, options: _EncodeOptions, classes: list[str], worke
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with context.Pool(workers, initializer=_init_worker, initargs=(source, options, classes)) as pool:
-        for results in pool.imap(_encode_chunk, chunks):
+        pending = deque(pool.apply_async(_encode_chunk, (c,)) for c in islice(chunks, 4 * workers))
+        while pending:
+            results = pending.popleft().get()
+            following = next(chunks, None)
+            if following is not None:
+                pending.append(pool.apply_async(_encode_chunk, (following,)))
             yield from results
 
 
@@ -702,7 +717,7 @@ def write_shards(
     manifest = _load_manifest_or_new(out)
     if manifest["splits"].pop(split, None) is not None:
         _save_manifest(out, manifest)  # a crash from here on leaves the split unlisted
-    _clean_split(out, split, keep=0)  # no old shard may pass for part of this run
+    _clean_split(out, split)  # no old shard may pass for part of this run
 
     from tqdm import tqdm
 
