@@ -44,10 +44,102 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="linear probe + kNN of a frozen encoder, with random-init and pixel baselines")
+    p.add_argument("--checkpoint", required=True, help="encoder.pt from `hjepa train` (or its output dir)")
+    p.add_argument("--dataset", help="fashion_mnist, cifar10, imagefolder:PATH, shards:DIR, ... "
+                   "(default: the checkpoint config's data.dataset)")
+    p.add_argument("--data_path", help="where the dataset's files are")
+    p.add_argument("--config", help="optional YAML; its model must match the checkpoint")
+    p.add_argument("--pooling", default="mean", help="mean | max | mean_max | level:K | levels")
+    p.add_argument("--max_train_samples", type=int, help="fixed subset of train (default: all)")
+    p.add_argument("--max_test_samples", type=int, help="fixed subset of test (default: all)")
+    p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers for decoding")
+    p.add_argument("--k", type=int, default=20, help="kNN neighbours")
+    p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
+    p.add_argument("--probe_epochs", type=int, default=30, help="linear-probe epochs")
+    p.add_argument("--probe_lrs", type=_floats, default=None, help="comma-separated lr sweep")
+    p.add_argument("--probe_wds", type=_floats, default=None, help="comma-separated weight-decay sweep")
+    p.add_argument("--no-baselines", action="store_true", help="skip the random-init and raw-pixel baselines")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--cache_dir", help="feature cache (default: $HJEPA_CACHE/features)")
+    p.add_argument("--no-cache", action="store_true", help="always re-extract features")
+    p.add_argument("--output_dir", help="report folder (default: <checkpoint dir>/eval)")
+    p.add_argument("--tracking", action=argparse.BooleanOptionalAction, default=None,
+                   help="log to MLflow (default: as the checkpoint config's tracking.enabled)")
+    p.add_argument("--tracking_uri", help="MLflow URI (default: config / MLFLOW_TRACKING_URI)")
+    p.add_argument("--experiment", help="MLflow experiment (default: the pretraining run's)")
+    p.add_argument("--parent_run_id", help="pretraining run to nest under (default: looked up by output dir)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from hjepa_core.config import load_config
+    from hjepa_core.eval import EvalError, EvalSettings, ProbeSettings, evaluate
+
+    probe = ProbeSettings(epochs=args.probe_epochs)
+    probe.lrs = args.probe_lrs or probe.lrs
+    probe.weight_decays = args.probe_wds or probe.weight_decays
+    settings = EvalSettings(
+        dataset=args.dataset, data_path=args.data_path, pooling=args.pooling,
+        max_train_samples=args.max_train_samples, max_test_samples=args.max_test_samples,
+        batch_size=args.batch_size, num_workers=args.num_workers, k=args.k, temperature=args.temperature,
+        probe=probe, baselines=not args.no_baselines, device=args.device, cache_dir=args.cache_dir,
+        use_cache=not args.no_cache, output_dir=args.output_dir, progress=not args.no_progress,
+        tracking=args.tracking, tracking_uri=args.tracking_uri, experiment=args.experiment,
+        parent_run_id=args.parent_run_id,
+    )
+    try:
+        config = load_config(args.config) if args.config else None
+        report = evaluate(args.checkpoint, settings, config)
+    except (EvalError, ValueError) as exc:
+        print(f"hjepa evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    with open(report["files"]["report"]) as f:
+        print(f.read())
+    print(f"wrote {report['files']['json']}, {report['files']['confusion_matrix']}")
+    if report["mlflow_run_id"]:
+        print(f"MLflow run: {report['mlflow_run_id']} (parent {report['mlflow_parent_run_id']})")
+    return 0
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="table + curves of an MLflow experiment's runs")
+    p.add_argument("--experiment", required=True, help="MLflow experiment name")
+    p.add_argument("--metric", default="probe_top1", help="sort key (default: probe_top1)")
+    p.add_argument("--tracking_uri", help="MLflow URI (default: MLFLOW_TRACKING_URI)")
+    p.add_argument("--output_dir", default="outputs/compare", help="where compare.md and the PNG go")
+    p.add_argument("--max_runs", type=int, default=100, help="most recent runs to read")
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from hjepa_core.eval.compare import compare_runs
+    from hjepa_core.tracking import ExperimentNotFoundError
+
+    try:
+        result = compare_runs(args.experiment, args.metric, args.tracking_uri, args.output_dir,
+                              max_runs=args.max_runs)
+    except ExperimentNotFoundError as exc:
+        print(f"hjepa compare: error: {exc}", file=sys.stderr)
+        return 2
+    print(result.markdown)
+    print(f"wrote {result.table_path}" + (f", {result.curves_path}" if result.curves_path else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hjepa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_evaluate(sub)
+    _add_compare(sub)
     return parser
 
 

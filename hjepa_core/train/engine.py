@@ -158,6 +158,8 @@ class Trainer:
         self.epoch = 0
         self.next_batch = 0
         self.history: list[dict[str, float]] = []
+        self._knn_monitor: Any = None  # built on first use (rank 0, data.knn_monitor_every > 0)
+        self._knn_monitor_step = -1
         if resume:
             path = resolve_resume(resume, self.output_dir)
             if path is not None:
@@ -310,11 +312,27 @@ class Trainer:
                 else:
                     self.epoch += 1
                     self.next_batch = 0
+                    self._run_knn_monitor()
                 if self.step < self.total_steps and self.next_batch >= self.batches_per_epoch:
                     self.epoch, self.next_batch = self.epoch + 1, 0
         bar.close()
+        if not preempted:
+            self._run_knn_monitor(final=True)
         self.save_checkpoint()
         return self._finish(first_batch, preempted)
+
+    def _run_knn_monitor(self, final: bool = False) -> None:
+        """kNN accuracy of the target encoder every ``data.knn_monitor_every`` epochs and at the end (rank 0)."""
+        every = self.config.data.knn_monitor_every
+        due = final or self.epoch % every == 0 if every else False
+        if not due or not self.dist.is_main or self._knn_monitor_step == self.step:
+            return
+        if self._knn_monitor is None:
+            from hjepa_core.eval.knn_monitor import KnnMonitor
+
+            self._knn_monitor = KnnMonitor(self.config, self.device)
+        self._knn_monitor_step = self.step
+        self._log(self._knn_monitor.run(self.model.target_encoder))
 
     def _log(self, metrics: dict[str, float]) -> None:
         if not self.dist.is_main:

@@ -1,0 +1,84 @@
+"""The MLflow layout of evaluation runs and ``hjepa compare``, against a real local MLflow server."""
+
+import uuid
+
+import pytest
+
+from hjepa_core.cli import main
+from hjepa_core.eval import evaluate
+from hjepa_core.eval.compare import compare_runs
+from tests.eval.conftest import fast_settings, train_tiny
+
+
+@pytest.fixture(scope="module")
+def logged(mlflow_server, tmp_path_factory, fashion_mnist_train):
+    """Two tiny pretraining runs (different masking strategies), each with an evaluation run."""
+    experiment = f"eval-test-{uuid.uuid4().hex[:8]}"
+    runs = {}
+    for name, strategy in (("gonly", "global_only"), ("cross", "cross_crop_prediction")):
+        out = tmp_path_factory.mktemp(name)
+        result = train_tiny(out / "train", "tracking.enabled=true", f"tracking.tracking_uri={mlflow_server}",
+                            f"tracking.experiment={experiment}", f"tracking.run_name={name}",
+                            "tracking.registered_model_name=null", f"masking.strategy={strategy}")
+        # the first evaluation finds its pretraining run by output dir, the second is told
+        parent = result.run_id if name == "cross" else None
+        report = evaluate(result.encoder_path, fast_settings(out, tracking=None, parent_run_id=parent,
+                                                             max_train_samples=200, baselines=name == "gonly"))
+        runs[name] = (result, report)
+    return experiment, runs
+
+
+def test_eval_run_is_a_child_of_the_pretraining_run(mlflow_server, logged):
+    import mlflow
+
+    _, runs = logged
+    client = mlflow.MlflowClient(mlflow_server)
+    for name, (result, report) in runs.items():
+        assert report["mlflow_run_id"] and report["mlflow_parent_run_id"] == result.run_id
+        train_run, eval_run = client.get_run(result.run_id), client.get_run(report["mlflow_run_id"])
+        assert eval_run.info.experiment_id == train_run.info.experiment_id
+        assert eval_run.info.status == "FINISHED"
+        tags = eval_run.data.tags
+        assert tags["mlflow.parentRunId"] == result.run_id and tags["hjepa.pretrain_run_id"] == result.run_id
+        assert tags["hjepa.stage"] == "evaluate" and tags["hjepa.checkpoint_sha256"] == report["checkpoint_sha256"]
+        assert tags["hjepa.parent_match"] == ("training.output_dir" if name == "gonly" else "given")
+        assert eval_run.data.metrics["probe_top1"] == pytest.approx(report["metrics"]["probe_top1"])
+        assert eval_run.data.params["eval.pooling"] == "mean"
+        assert eval_run.data.params["pretrain.masking.strategy"] == train_run.data.params["masking.strategy"]
+        artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id)}
+        assert {"eval.json", "confusion_matrix.png", "report.md"} <= artifacts
+    assert "pixels_probe_top1" in client.get_run(runs["gonly"][1]["mlflow_run_id"]).data.metrics
+
+
+def test_compare_two_logged_runs(mlflow_server, logged, tmp_path):
+    experiment, runs = logged
+    result = compare_runs(experiment, "probe_top1", mlflow_server, tmp_path)
+    assert sorted(row["run"] for row in result.rows) == ["cross", "gonly"]
+    values = [row["metrics"]["probe_top1"] for row in result.rows]
+    assert values == sorted(values, reverse=True)
+    assert "masking.strategy" in result.param_columns
+    assert "eval.baselines" in result.param_columns  # eval settings that differ show too
+    assert "training.output_dir" not in result.param_columns  # bookkeeping keys do not
+    assert result.metric_columns[0] == "probe_top1" and "final_loss" in result.metric_columns
+    for row in result.rows:
+        assert row["metrics"]["probe_top1"] == pytest.approx(runs[row["run"]][1]["metrics"]["probe_top1"])
+    assert result.curves_path.read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "compare.md").read_text() == result.markdown
+
+
+def test_cli_compare(mlflow_server, logged, tmp_path, capsys):
+    experiment, _ = logged
+    code = main(["compare", "--experiment", experiment, "--tracking_uri", mlflow_server,
+                 "--output_dir", str(tmp_path), "--metric", "knn_top1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    assert "masking.strategy" in lines[0] and "knn_top1" in lines[0]
+    assert {"gonly", "cross"} == {line.split("|")[1].strip() for line in lines[2:]}
+    assert "compare_curves.png" in out
+
+
+def test_cli_compare_unknown_experiment(mlflow_server, capsys):
+    code = main(["compare", "--experiment", "no-such-experiment", "--tracking_uri", mlflow_server])
+    err = capsys.readouterr().err
+    assert code == 2 and "'no-such-experiment' not found" in err
