@@ -10,6 +10,7 @@ Runs on the CPU on the embedded Fashion-MNIST in a few seconds::
 3. Multi-crop dataloader: batches of crops ``[global_0, global_1, local_0, ..., local_5]``.
 4. Masking strategies: ``global_only``, ``global_with_local_context`` and
    ``cross_crop_prediction`` on one batch, each saved as a picture of its masks.
+5. A complete training workflow step: H-JEPA forward on all crops, backward, optimiser, EMA.
 """
 
 from __future__ import annotations
@@ -180,6 +181,50 @@ def example_4_masking_strategies(output_dir: str | Path = DEFAULT_OUTPUT_DIR,
     return pictures
 
 
+def example_5_training_step(steps: int = 5) -> list[float]:
+    """A complete training workflow: config -> data + masks -> H-JEPA -> optimiser + EMA steps.
+
+    This is what ``hjepa train`` does (with schedules, checkpoints and MLflow on top), here on
+    the small CPU config of the embedded dataset.
+    """
+    from hjepa_core.config import load_config
+    from hjepa_core.models import build_hjepa
+    from hjepa_core.train.optim import build_optimizer
+
+    _header("Example 5: a complete training workflow step")
+    config = load_config("configs/fashion_mnist.yaml", ["data.max_samples=512", "tracking.enabled=false"])
+    mc = config.crops
+    dataset = build_multicrop_dataset(
+        dataset_name=DATASET,
+        max_samples=config.data.max_samples,
+        num_global_crops=mc.num_global_crops,
+        num_local_crops=mc.num_local_crops,
+        global_crop_size=mc.global_crop_size,
+        local_crop_size=mc.local_crop_size,
+        global_crop_scale=mc.global_crop_scale,
+        local_crop_scale=mc.local_crop_scale,
+    )
+    loader = build_multicrop_dataloader(dataset, batch_size=32, num_workers=0,
+                                        mask_generator=config.build_mask_generator())
+    torch.manual_seed(0)
+    model = build_hjepa(config)
+    optimizer = build_optimizer(model, lr=config.training.lr)
+    losses = []
+    for step, batch in zip(range(steps), loader, strict=False):
+        global_crops = batch.crops[: batch.num_global_crops]
+        local_crops = batch.crops[batch.num_global_crops:]
+        output = model(batch)  # global and local crops, each resolution in one encoder call
+        output.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_target(momentum=config.training.ema_momentum)
+        losses.append(output.loss.item())
+        parts = ", ".join(f"{k.split('/')[-1]}={v.item():.3f}" for k, v in output.parts.items())
+        print(f"step {step}: {len(global_crops)} global {tuple(global_crops[0].shape)}, "
+              f"{len(local_crops)} local {tuple(local_crops[0].shape)} -> loss {losses[-1]:.4f} ({parts})")
+    return losses
+
+
 def main(argv: list[str] | None = None) -> None:
     """Runs the examples in order."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -192,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     example_2_multicrop_dataset()
     example_3_multicrop_dataloader(num_workers=args.num_workers)
     example_4_masking_strategies(output_dir=args.output_dir)
+    example_5_training_step()
     print(f"\nDone. Pictures are in {args.output_dir}/")
 
 

@@ -73,3 +73,9 @@ def test_main_runs_the_examples_in_order(example: ModuleType, tmp_path: Path,
     example.main(["--output-dir", str(tmp_path), "--num-workers", "0"])
     assert [c[0] for c in calls] == sorted(c[0] for c in calls)
     assert calls[2][2] == {"num_workers": 0} and calls[3][2] == {"output_dir": tmp_path}
+
+
+def test_example_5_trains_all_crops(example: ModuleType) -> None:
+    losses = example.example_5_training_step(steps=4)
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
