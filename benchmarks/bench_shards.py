@@ -105,6 +105,7 @@ def loader_rate(dataset, count: int, workers: int, batch_size: int) -> float:
 
 def run(setting: Setting, shard_workers: int, loader_workers: int, batch_size: int, repeats: int) -> dict:
     num_images, image_format = setting.num_images, setting.image_format
+    load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench_shards_"))
     try:
         root = work / "images"
@@ -182,6 +183,7 @@ def run(setting: Setting, shard_workers: int, loader_workers: int, batch_size: i
         "parallel_output_identical": identical,
         "loader": loaders,
         "crops": {k: list(v) if isinstance(v, tuple) else v for k, v in CROPS.items()},
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "platform": platform.platform()},
     }
@@ -203,8 +205,12 @@ def markdown(results: list[dict]) -> str:
 
 
 def section(result: dict) -> list[str]:
+    before, after = result["load_average_1min"]
     lines = [
         f"## {result['image']}",
+        "",
+        f"Load average (1 min) on the {result['machine']['cpus']} CPUs: {before} before, {after} "
+        "after (other work on the machine).",
         "",
         "### Writing (images/s)",
         "",
