@@ -134,10 +134,19 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_shard(sub: argparse._SubParsersAction) -> None:
+    from hjepa_core.data.shards import add_shard_arguments, run_shard
+
+    p = sub.add_parser("shard", help="write a dataset as verified WebDataset shards with a manifest")
+    add_shard_arguments(p)
+    p.set_defaults(func=run_shard)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hjepa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_shard(sub)
     _add_evaluate(sub)
     _add_compare(sub)
     return parser

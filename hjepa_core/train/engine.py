@@ -251,8 +251,12 @@ class Trainer:
         first_batch: MultiCropBatch | None = None
         with _PreemptionFlag() as flag:
             while self.step < self.total_steps and not preempted:
-                self.loader.batch_sampler.set_epoch(self.epoch)
-                self.loader.batch_sampler.skip_batches(self.next_batch)
+                if isinstance(self.dataset, torch.utils.data.IterableDataset):
+                    self.dataset.set_epoch(self.epoch)
+                    self.dataset.skip_batches(self.next_batch, t.batch_size)
+                else:
+                    self.loader.batch_sampler.set_epoch(self.epoch)
+                    self.loader.batch_sampler.skip_batches(self.next_batch)
                 if hasattr(self.dataset.transform, "set_epoch"):
                     self.dataset.transform.set_epoch(self.epoch)
                 micro = 0

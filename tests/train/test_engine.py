@@ -113,3 +113,14 @@ def test_seed_command_starts_on_cpu(tmp_path):
     assert "trained 1 steps" in proc.stdout
     saved = torch.load(tmp_path / "encoder.pt", weights_only=True)
     assert saved["arch"]["embed_dim"] == 768 and saved["config"]["training"]["lr"] == pytest.approx(1e-4)
+
+
+def test_trains_from_shards(tmp_path):
+    shards = tmp_path / "shards"
+    assert cli_main(["shard", "--source", "fashion_mnist", "--out", str(shards), "--max-samples", "256",
+                     "--samples-per-shard", "64", "--no-progress"]) == 0
+    cfg = load_config("configs/fashion_mnist.yaml",
+                      tiny_overrides(tmp_path / "run", f"data.dataset=shards:{shards}", "training.max_steps=6",
+                                     "data.num_workers=2"))
+    result = train(cfg, progress=False)
+    assert result.steps == 6 and (tmp_path / "run" / "encoder.pt").is_file()
