@@ -16,6 +16,7 @@ Runs on the CPU on the embedded Fashion-MNIST in a few seconds::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -193,17 +194,8 @@ def example_5_training_step(steps: int = 5) -> list[float]:
 
     _header("Example 5: a complete training workflow step")
     config = load_config("configs/fashion_mnist.yaml", ["data.max_samples=512", "tracking.enabled=false"])
-    mc = config.crops
-    dataset = build_multicrop_dataset(
-        dataset_name=DATASET,
-        max_samples=config.data.max_samples,
-        num_global_crops=mc.num_global_crops,
-        num_local_crops=mc.num_local_crops,
-        global_crop_size=mc.global_crop_size,
-        local_crop_size=mc.local_crop_size,
-        global_crop_scale=mc.global_crop_scale,
-        local_crop_scale=mc.local_crop_scale,
-    )
+    dataset = build_multicrop_dataset(dataset_name=DATASET, max_samples=config.data.max_samples,
+                                      **dataclasses.asdict(config.crops))
     loader = build_multicrop_dataloader(dataset, batch_size=32, num_workers=0,
                                         mask_generator=config.build_mask_generator())
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ logging from rank 0, and the outputs a later stage needs (encoder weights + conf
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import signal
 import time
@@ -35,6 +36,8 @@ from hjepa_core.utils import atomic_torch_save, atomic_write_text
 
 ENCODER_FILE = "encoder.pt"
 METRICS_FILE = "metrics.json"
+SUMMARY_FILE = "summary.json"  # flat: steps, epochs_completed, final_loss (DVC metrics)
+LOSS_HISTORY_FILE = "loss_history.csv"  # step,loss (DVC plots)
 
 
 @dataclass
@@ -107,24 +110,12 @@ class Trainer:
         self.tracker = start_tracker(config.tracking, enabled=self.dist.is_main)
         torch.manual_seed(t.seed)
 
-        crops = config.crops
         self.dataset = build_multicrop_dataset(
             dataset_name=config.data.dataset,
             data_path=config.data.data_path,
             split="train",
             max_samples=config.data.max_samples,
-            num_global_crops=crops.num_global_crops,
-            num_local_crops=crops.num_local_crops,
-            global_crop_size=crops.global_crop_size,
-            local_crop_size=crops.local_crop_size,
-            global_crop_scale=crops.global_crop_scale,
-            local_crop_scale=crops.local_crop_scale,
-            global_color_jitter=crops.global_color_jitter,
-            local_color_jitter=crops.local_color_jitter,
-            adaptive=crops.adaptive,
-            min_local_crops=crops.min_local_crops,
-            max_local_crops=crops.max_local_crops,
-            warmup_epochs=crops.warmup_epochs,
+            **dataclasses.asdict(config.crops),
         )
         self.loader = build_multicrop_dataloader(
             self.dataset,
@@ -356,6 +347,10 @@ class Trainer:
             "history": self.history,
         }
         atomic_write_text(self.output_dir / METRICS_FILE, json.dumps(summary, indent=2))
+        flat = {k: summary[k] for k in ("steps", "epochs_completed", "final_loss")}
+        atomic_write_text(self.output_dir / SUMMARY_FILE, json.dumps(flat, indent=2))
+        atomic_write_text(self.output_dir / LOSS_HISTORY_FILE,
+                          "step,loss\n" + "".join(f"{h['step']},{h['loss']}\n" for h in losses))
         if preempted:
             self.tracker.finish("KILLED")
             return TrainResult(self.output_dir, None, summary, self.tracker.run_id, self.step, True)
