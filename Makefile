@@ -9,7 +9,7 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/outputs/mlflow.db
 HJEPA := $(VENV)/bin/hjepa
 
-.PHONY: install fashion-mnist test lint demo bench mlflow-ui
+.PHONY: install fashion-mnist test lint demo bench mlflow-ui data repro
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -43,6 +43,13 @@ demo: install
 	$(HJEPA) evaluate --checkpoint outputs/fashion_mnist --max_train_samples 10000 --max_test_samples 2000
 	@echo "Outputs: outputs/fashion_mnist (encoder.pt, metrics.json, loss_curve.png, eval/)."
 	@echo "Browse the runs: make mlflow-ui  (then open http://127.0.0.1:5000)"
+
+# DVC: data/ (tracked by data.dvc) from Debian's package or a download, then the pipeline.
+data: install
+	$(HJEPA) data fetch fashion_mnist data/
+
+repro: data
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
 
 mlflow-ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000

@@ -142,6 +142,12 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_shard)
 
 
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    from hjepa_core.data.fetch import add_data_arguments
+
+    add_data_arguments(sub.add_parser("data", help="raw dataset files: `hjepa data fetch NAME DEST`"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hjepa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shard(sub)
     _add_evaluate(sub)
     _add_compare(sub)
+    _add_data(sub)
     return parser
 
 

@@ -76,6 +76,12 @@ def git_commit(cwd: str | Path = ".") -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def dvc_tags() -> dict[str, str]:
+    """``dvc_experiment`` from ``DVC_EXP_NAME`` (set by ``dvc exp run``), when present."""
+    name = os.environ.get("DVC_EXP_NAME")
+    return {"dvc_experiment": name} if name else {}
+
+
 class MlflowTracker(NullTracker):
     """Logs one MLflow run (optionally nested under ``parent_run_id``)."""
 
@@ -101,6 +107,8 @@ class MlflowTracker(NullTracker):
         commit = git_commit()
         if commit:
             all_tags.setdefault("git_commit", commit)
+        for key, value in dvc_tags().items():
+            all_tags.setdefault(key, value)
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self._client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)

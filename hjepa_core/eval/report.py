@@ -38,6 +38,7 @@ from hjepa_core.models.vit import VisionTransformer
 from hjepa_core.utils import atomic_write_bytes, atomic_write_text
 
 EVAL_FILE = "eval.json"
+EVAL_METRICS_FILE = "metrics.json"  # flat report["metrics"] (DVC metrics)
 CONFUSION_FILE = "confusion_matrix.png"
 REPORT_FILE = "report.md"
 METHODS = ("encoder", "random_init", "pixels")
@@ -364,4 +365,5 @@ def _run(
                     f"linear probe on {dataset} (test): top-1 {100 * encoder_probe['top1']:.2f}%")
     atomic_write_text(output_dir / REPORT_FILE, _markdown(report))
     atomic_write_text(output_dir / EVAL_FILE, json.dumps(report, indent=2))
+    atomic_write_text(output_dir / EVAL_METRICS_FILE, json.dumps(report["metrics"], indent=2))
     return report
