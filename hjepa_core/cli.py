@@ -148,6 +148,12 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     add_data_arguments(sub.add_parser("data", help="raw dataset files: `hjepa data fetch NAME DEST`"))
 
 
+def _add_pipeline(sub: argparse._SubParsersAction) -> None:
+    from hjepa_core.pipeline import add_pipeline_arguments
+
+    add_pipeline_arguments(sub.add_parser("pipeline", help="Kubeflow pipeline: `compile` to YAML, or `run-local`"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hjepa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_compare(sub)
     _add_data(sub)
+    _add_pipeline(sub)
     return parser
 
 

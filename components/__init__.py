@@ -1,0 +1,1 @@
+"""Kubeflow components of the H-JEPA pipeline (a repo-level module, not installed)."""

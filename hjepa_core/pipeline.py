@@ -1,0 +1,333 @@
+"""The pipeline stages (shard, pretrain, evaluate) as plain functions.
+
+The Kubeflow components in ``components/`` are thin wrappers over these, so the CLI, DVC and
+KFP share one implementation. Each stage logs one MLflow child run under one parent run per
+pipeline run; the parent is found (or created) by the ``kfp.run_id`` tag, so stages running in
+separate pods agree on it without passing ids around. Secrets never pass through here: MLflow
+reads its credentials (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, ``AWS_*``) from the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KFP_RUN_TAG = "kfp.run_id"
+STAGE_TAG = "hjepa.stage"
+PIPELINE_STAGE = "pipeline"
+STAGE_FILE = "stage.json"  # what a stage hands to the next one (run ids, counts), next to its outputs
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class StageTracking:
+    """Where a stage logs: ``uri`` empty means ``MLFLOW_TRACKING_URI``; neither means no tracking."""
+
+    uri: str | None = None
+    experiment: str = "hjepa-pipeline"
+    kfp_run_id: str = "local"
+
+    @property
+    def resolved_uri(self) -> str | None:
+        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+    @property
+    def enabled(self) -> bool:
+        return self.resolved_uri is not None
+
+
+def parent_run(tracking: StageTracking) -> str | None:
+    """The MLflow parent run of this pipeline run (by its ``kfp.run_id`` tag), created if missing."""
+    if not tracking.enabled:
+        return None
+    from hjepa_core.tracking import ExperimentNotFoundError, MlflowTracker, search_runs
+
+    query = f"tags.`{KFP_RUN_TAG}` = '{tracking.kfp_run_id}' and tags.`{STAGE_TAG}` = '{PIPELINE_STAGE}'"
+    try:
+        runs = search_runs(tracking.experiment, tracking.resolved_uri, filter_string=query)
+    except ExperimentNotFoundError:
+        runs = []
+    if runs:
+        return runs[-1].run_id  # the oldest, should two stages ever race
+    tracker = MlflowTracker(tracking.experiment, run_name=f"pipeline-{tracking.kfp_run_id}",
+                            tracking_uri=tracking.resolved_uri,
+                            tags={KFP_RUN_TAG: tracking.kfp_run_id, STAGE_TAG: PIPELINE_STAGE})
+    return tracker.run_id
+
+
+def _stage_tracker(tracking: StageTracking, stage: str, parent: str | None) -> Any:
+    from hjepa_core.tracking import MlflowTracker, NullTracker
+
+    if parent is None:
+        return NullTracker()
+    return MlflowTracker(tracking.experiment, run_name=f"{stage}-{tracking.kfp_run_id}",
+                         tracking_uri=tracking.resolved_uri, parent_run_id=parent,
+                         tags={KFP_RUN_TAG: tracking.kfp_run_id, STAGE_TAG: stage})
+
+
+def _end_parent(tracking: StageTracking, parent: str | None, status: str) -> None:
+    if parent is None:
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.resolved_uri)
+    mlflow.MlflowClient().set_terminated(parent, status=status)
+
+
+def _write_stage(folder: Path, info: dict[str, Any]) -> None:
+    from hjepa_core.utils import atomic_write_text
+
+    atomic_write_text(folder / STAGE_FILE, json.dumps(info, indent=2))
+
+
+def read_stage(folder: str | Path) -> dict[str, Any]:
+    """What the stage that wrote ``folder`` recorded (empty when nothing)."""
+    path = Path(folder) / STAGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def shard_stage(
+    source: str, out_dir: str | Path, tracking: StageTracking, *, data_path: str | None = None,
+    max_samples: int | None = None, max_test_samples: int | None = None, samples_per_shard: int | None = None,
+) -> dict[str, Any]:
+    """Writes the train and test splits of ``source`` as shards; returns the manifest.
+
+    Raises:
+        DatasetNotFoundError, ValueError, OSError: bad source; RuntimeError: no readable images.
+    """
+    from hjepa_core.data.shards import MANIFEST_NAME, write_shards
+
+    out = Path(out_dir)
+    parent = parent_run(tracking)
+    tracker = _stage_tracker(tracking, "shard", parent)
+    try:
+        manifest: dict[str, Any] = {}
+        for split, limit in (("train", max_samples), ("test", max_test_samples)):
+            manifest = write_shards(source, out, split, data_path=data_path, max_samples=limit,
+                                    samples_per_shard=samples_per_shard, progress=False)
+            if manifest["splits"][split]["num_samples"] == 0:
+                raise RuntimeError(f"shard: no readable images in the {split} split of {source!r}")
+        tracker.log_params({"source": source, "data_path": data_path, "max_samples": max_samples,
+                            "max_test_samples": max_test_samples})
+        tracker.log_metrics({f"{split}_{key}": float(info[key]) for split, info in manifest["splits"].items()
+                             for key in ("num_samples", "num_skipped")})
+        tracker.log_artifact(out / MANIFEST_NAME)
+        tracker.finish("FINISHED")
+    except BaseException:
+        tracker.finish("FAILED")
+        _end_parent(tracking, parent, "FAILED")
+        raise
+    _write_stage(out, {"mlflow_parent_run_id": parent, "mlflow_run_id": tracker.run_id})
+    return manifest
+
+
+def pipeline_overrides(
+    overrides: list[str] | None = None, *, epochs: int = 0, strategy: str = "", global_crop_size: int = 0,
+    local_crop_size: int = 0, num_local_crops: int = -1,
+) -> list[str]:
+    """Config overrides from the pipeline's parameters (0 / -1 / empty: keep the config's value)."""
+    result = list(overrides or [])
+    for key, value, unset in (("training.epochs", epochs, 0), ("masking.strategy", strategy, ""),
+                              ("data.multicrop.global_crop_size", global_crop_size, 0),
+                              ("data.multicrop.local_crop_size", local_crop_size, 0),
+                              ("data.multicrop.num_local_crops", num_local_crops, -1)):
+        if value != unset:
+            result.append(f"{key}={value}")
+    return result
+
+
+def train_command(config_path: str | Path, nproc: int) -> list[str]:
+    """``torchrun`` on one node with ``nproc`` processes, resuming from the newest checkpoint."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "hjepa_core.cli", "train", "--config", str(config_path), "--resume", "auto", "--no-progress"]
+
+
+def pretrain_stage(
+    config_path: str | None, overrides: list[str], shards_dir: str | Path, work_dir: str | Path,
+    model_dir: str | Path, tracking: StageTracking, *, gpus: int = 0,
+) -> dict[str, Any]:
+    """Pretrains on the shards into ``work_dir`` (resuming from its checkpoints) and copies the
+    encoder and resolved config to ``model_dir``. ``gpus`` > 1 runs torchrun on this node.
+
+    Returns:
+        metadata: steps, final loss, MLflow run ids, model size.
+    Raises:
+        RuntimeError: the run was pre-empted (the checkpoint is saved; a retry resumes) or torchrun failed.
+    """
+    from hjepa_core.config import load_config
+    from hjepa_core.train.engine import ENCODER_FILE, METRICS_FILE
+
+    work, model = Path(work_dir), Path(model_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    config = load_config(config_path, [*overrides, f"data.dataset=shards:{shards_dir}",
+                                       f"training.output_dir={work}"])
+    parent = parent_run(tracking)
+    config.tracking.enabled = parent is not None
+    config.tracking.tracking_uri = tracking.resolved_uri
+    config.tracking.experiment = tracking.experiment
+    config.tracking.parent_run_id = parent
+    config.tracking.run_name = f"pretrain-{tracking.kfp_run_id}"
+    config.tracking.tags = {**config.tracking.tags, KFP_RUN_TAG: tracking.kfp_run_id, STAGE_TAG: "pretrain"}
+    if gpus > 1:
+        config.training.device = "cuda"
+    resolved = config.save(work / CONFIG_FILE)
+    try:
+        if gpus > 1:
+            code = subprocess.run(train_command(resolved, gpus), check=False).returncode
+            if code != 0:
+                raise RuntimeError(f"pretrain: torchrun exited with {code}; checkpoints in {work / 'checkpoints'}")
+            summary = json.loads((work / METRICS_FILE).read_text())
+            run_id = _find_stage_run(tracking, "pretrain") if parent else None
+        else:
+            from hjepa_core.train import train
+
+            result = train(config, resume="auto", progress=False)
+            if result.preempted:
+                raise RuntimeError(f"pretrain: pre-empted at step {result.steps}; checkpoint saved in "
+                                   f"{work / 'checkpoints'}, a retry resumes from it")
+            summary, run_id = result.metrics, result.run_id
+    except BaseException:
+        _end_parent(tracking, parent, "FAILED")
+        raise
+    model.mkdir(parents=True, exist_ok=True)
+    for name in (ENCODER_FILE, CONFIG_FILE, METRICS_FILE):
+        shutil.copy2(work / name, model / name)
+    info = {"mlflow_parent_run_id": parent, "mlflow_run_id": run_id, "steps": int(summary.get("steps", 0)),
+            "final_loss": summary.get("final_loss"), "encoder": config.model.encoder,
+            "embed_dim": config.model.embed_dim, "strategy": config.masking.strategy,
+            "encoder_bytes": (model / ENCODER_FILE).stat().st_size}
+    _write_stage(model, info)
+    return info
+
+
+def _find_stage_run(tracking: StageTracking, stage: str) -> str | None:
+    from hjepa_core.tracking import search_runs
+
+    query = f"tags.`{KFP_RUN_TAG}` = '{tracking.kfp_run_id}' and tags.`{STAGE_TAG}` = '{stage}'"
+    runs = search_runs(tracking.experiment, tracking.resolved_uri, filter_string=query)
+    return runs[0].run_id if runs else None
+
+
+def evaluate_stage(
+    model_dir: str | Path, shards_dir: str | Path, out_dir: str | Path, tracking: StageTracking, *,
+    max_train_samples: int | None = None, max_test_samples: int | None = None, probe_epochs: int = 30,
+    baselines: bool = True,
+) -> dict[str, Any]:
+    """Linear probe + kNN of the pretrained encoder on the shards' train/test splits.
+
+    Ends the pipeline's MLflow parent run (FINISHED, or FAILED with the stage).
+    Returns:
+        the evaluation report (see :func:`hjepa_core.eval.evaluate`).
+    """
+    from hjepa_core.eval import EvalSettings, ProbeSettings, evaluate
+    from hjepa_core.train.engine import ENCODER_FILE
+
+    parent = parent_run(tracking)
+    settings = EvalSettings(
+        dataset=f"shards:{shards_dir}", max_train_samples=max_train_samples, max_test_samples=max_test_samples,
+        probe=ProbeSettings(epochs=probe_epochs), baselines=baselines, output_dir=str(out_dir), progress=False,
+        use_cache=False, tracking=parent is not None, tracking_uri=tracking.resolved_uri,
+        experiment=tracking.experiment, parent_run_id=parent,
+    )
+    try:
+        report = evaluate(Path(model_dir) / ENCODER_FILE, settings)
+    except BaseException:
+        _end_parent(tracking, parent, "FAILED")
+        raise
+    if report.get("mlflow_run_id"):
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking.resolved_uri)
+        client = mlflow.MlflowClient()
+        client.set_tag(report["mlflow_run_id"], KFP_RUN_TAG, tracking.kfp_run_id)
+        pretrain_run = read_stage(model_dir).get("mlflow_run_id")
+        if pretrain_run:
+            client.set_tag(report["mlflow_run_id"], "hjepa.pretrain_run_id", pretrain_run)
+        client.log_metric(parent, "probe_top1", float(report["metrics"]["probe_top1"]))
+    _end_parent(tracking, parent, "FINISHED")
+    return report
+
+
+def pipelines_module() -> Any:
+    """The repo-level ``pipelines.hjepa_pipeline`` module (needs kfp and a source checkout)."""
+    import importlib
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pipelines" / "hjepa_pipeline.py").is_file():
+        root = Path.cwd()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module("pipelines.hjepa_pipeline")
+    except ModuleNotFoundError as exc:
+        raise FileNotFoundError(f"cannot import the pipeline ({exc}); run from the hjepa source checkout "
+                                "with the pipeline extra installed (pip install -e '.[pipeline]')") from exc
+
+
+def add_pipeline_arguments(parser: Any) -> None:
+    """``hjepa pipeline compile|run-local`` options."""
+    sub = parser.add_subparsers(dest="pipeline_command", required=True)
+    comp = sub.add_parser("compile", help="compile the KFP pipeline to YAML")
+    comp.add_argument("--output", help="YAML path (default: pipelines/hjepa_pipeline.yaml)")
+    comp.add_argument("--image", help="container image of every component (default: the released one)")
+    comp.set_defaults(func=run_compile)
+    loc = sub.add_parser("run-local", help="run the pipeline here with KFP's SubprocessRunner (CPU)")
+    loc.add_argument("--root", default="outputs/pipeline", help="local pipeline root (artifacts)")
+    loc.add_argument("--source", default="fashion_mnist", help="dataset spec, as for `hjepa shard`")
+    loc.add_argument("--data-path", default="", help="dataset folder when not in --source")
+    loc.add_argument("--config", default="configs/fashion_mnist.yaml", help="YAML config")
+    loc.add_argument("--max-samples", type=int, default=8192, help="training images to shard (0: all)")
+    loc.add_argument("--max-test-samples", type=int, default=2000, help="test images to shard (0: all)")
+    loc.add_argument("--epochs", type=int, default=0, help="= training.epochs (0: the config's)")
+    loc.add_argument("--strategy", default="", help="= masking.strategy (empty: the config's)")
+    loc.add_argument("--checkpoint-root", default="", help="checkpoint folder (default: next to the model)")
+    loc.add_argument("--mlflow-uri", default="", help="MLflow URI (default: MLFLOW_TRACKING_URI; none: off)")
+    loc.add_argument("--experiment", default="hjepa-pipeline", help="MLflow experiment")
+    loc.add_argument("--eval-max-train-samples", type=int, default=0, help="probe training images (0: all)")
+    loc.add_argument("--eval-max-test-samples", type=int, default=0, help="probe test images (0: all)")
+    loc.add_argument("--probe-epochs", type=int, default=30, help="linear-probe epochs")
+    loc.add_argument("--no-baselines", action="store_true", help="skip the random-init and pixel baselines")
+    loc.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    loc.set_defaults(func=run_local_command)
+
+
+def run_compile(args: Any) -> int:
+    """``hjepa pipeline compile``."""
+    module = pipelines_module()
+    path = module.compile_pipeline(args.output or module.COMPILED, args.image or module.DEFAULT_IMAGE)
+    print(f"wrote {path}")
+    return 0
+
+
+def run_local_command(args: Any) -> int:
+    """``hjepa pipeline run-local``: prints the probe accuracy and where the outputs are."""
+    module = pipelines_module()
+    uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    arguments = {
+        "source": args.source, "data_path": args.data_path, "max_samples": args.max_samples,
+        "max_test_samples": args.max_test_samples, "config": str(Path(args.config).resolve()) if args.config else "",
+        "config_overrides": list(args.overrides), "epochs": args.epochs, "strategy": args.strategy, "gpus": 0,
+        "checkpoint_root": str(Path(args.checkpoint_root).resolve()) if args.checkpoint_root else "",
+        "mlflow_uri": uri, "experiment": args.experiment, "eval_max_train_samples": args.eval_max_train_samples,
+        "eval_max_test_samples": args.eval_max_test_samples, "probe_epochs": args.probe_epochs,
+        "baselines": not args.no_baselines,
+    }
+    try:
+        run = module.run_local(args.root, arguments)
+    except RuntimeError as exc:
+        print(f"hjepa pipeline run-local: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"linear-probe top-1 accuracy: {100 * run.probe_top1:.2f}%")
+    print(f"outputs: {run.run_dir}")
+    for name, path in sorted(run.artifacts.items()):
+        print(f"  {name}: {path}")
+    if uri:
+        where = f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}  (or make mlflow-ui)"
+        print(f"MLflow (experiment {args.experiment!r}): {where}")
+    return 0

@@ -1,0 +1,148 @@
+"""The H-JEPA Kubeflow pipeline: shard -> pretrain -> evaluate, and its local runner.
+
+``hjepa pipeline compile`` writes ``pipelines/hjepa_pipeline.yaml`` (kept in git, checked up to
+date by a test); ``hjepa pipeline run-local`` runs the same components with KFP's
+``SubprocessRunner`` in this Python environment. Kubernetes settings (GPUs, /dev/shm, PVC,
+secrets) come from ``kfp-kubernetes`` and apply on a cluster only.
+"""
+
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kfp import compiler, dsl, kubernetes
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `components` is a repo-level module
+    sys.path.insert(0, str(REPO_ROOT))
+
+from components.hjepa_components import DEFAULT_IMAGE, build  # noqa: E402
+
+PIPELINE_NAME = "hjepa-pretraining"
+COMPILED = REPO_ROOT / "pipelines" / "hjepa_pipeline.yaml"
+DATA_MOUNT = "/mnt/hjepa"
+SHM_SIZE = "16Gi"
+RETRIES = 3
+# Env names MLflow reads; the secret's keys are the same names (see manifests/ and README).
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                      "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+MLFLOW_CONFIG_KEYS = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL"}
+
+
+def _mlflow_env(task: dsl.PipelineTask, config_map: Any, secret: Any) -> None:
+    """MLflow URI (unless the ``mlflow_uri`` parameter is set) from a config map, credentials from a secret."""
+    kubernetes.use_config_map_as_env(task, config_map, dict(MLFLOW_CONFIG_KEYS), optional=True)
+    kubernetes.use_secret_as_env(task, secret, {k: k for k in MLFLOW_SECRET_KEYS}, optional=True)
+
+
+def build_pipeline(image: str = DEFAULT_IMAGE) -> Any:
+    """The ``@dsl.pipeline`` with every component running in ``image``."""
+    ops = build(image)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="H-JEPA multi-crop pretraining: shard, pretrain, linear probe")
+    def hjepa_pipeline(
+        source: str = "fashion_mnist",
+        data_path: str = "",
+        max_samples: int = 0,
+        max_test_samples: int = 0,
+        config: str = "configs/fashion_mnist.yaml",
+        config_overrides: list = [],  # noqa: B006 (a KFP parameter default, never mutated)
+        global_crop_size: int = 0,
+        local_crop_size: int = 0,
+        num_local_crops: int = -1,
+        strategy: str = "",
+        epochs: int = 0,
+        gpus: int = 1,
+        accelerator_type: str = "nvidia.com/gpu",
+        cpu_request: str = "8",
+        memory_request: str = "32G",
+        checkpoint_root: str = f"{DATA_MOUNT}/checkpoints",
+        pvc_name: str = "hjepa-data",
+        mlflow_uri: str = "",
+        experiment: str = "hjepa-pipeline",
+        mlflow_config_map: str = "mlflow-config",
+        mlflow_secret: str = "mlflow-credentials",
+        eval_max_train_samples: int = 10000,
+        eval_max_test_samples: int = 2000,
+        probe_epochs: int = 30,
+        baselines: bool = True,
+    ) -> float:
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        shard = ops.shard(source=source, data_path=data_path, max_samples=max_samples,
+                          max_test_samples=max_test_samples, mlflow_uri=mlflow_uri, experiment=experiment,
+                          kfp_run_id=run_id).set_display_name("shard").set_caching_options(False)
+        shard.set_cpu_request("2").set_memory_request("4G")
+        _mlflow_env(shard, mlflow_config_map, mlflow_secret)
+
+        pretrain = ops.pretrain(
+            shards=shard.outputs["shards"], config=config, config_overrides=config_overrides, epochs=epochs,
+            strategy=strategy, global_crop_size=global_crop_size, local_crop_size=local_crop_size,
+            num_local_crops=num_local_crops, gpus=gpus, checkpoint_root=checkpoint_root, mlflow_uri=mlflow_uri,
+            experiment=experiment, kfp_run_id=run_id,
+        ).set_display_name("pretrain").set_caching_options(False)
+        pretrain.set_accelerator_type(accelerator_type).set_accelerator_limit(gpus)
+        pretrain.set_cpu_request(cpu_request).set_memory_request(memory_request)
+        pretrain.set_retry(RETRIES, backoff_duration="60s", backoff_factor=2.0)
+        kubernetes.empty_dir_mount(pretrain, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=SHM_SIZE)
+        kubernetes.mount_pvc(pretrain, pvc_name=pvc_name, mount_path=DATA_MOUNT)
+        _mlflow_env(pretrain, mlflow_config_map, mlflow_secret)
+
+        evaluate = ops.evaluate(
+            shards=shard.outputs["shards"], model=pretrain.outputs["model"],
+            max_train_samples=eval_max_train_samples, max_test_samples=eval_max_test_samples,
+            probe_epochs=probe_epochs, baselines=baselines, mlflow_uri=mlflow_uri, experiment=experiment,
+            kfp_run_id=run_id,
+        ).set_display_name("evaluate").set_caching_options(False)
+        evaluate.set_cpu_request("4").set_memory_request("8G")
+        _mlflow_env(evaluate, mlflow_config_map, mlflow_secret)
+        return evaluate.outputs["Output"]
+
+    return hjepa_pipeline
+
+
+def compile_pipeline(path: str | Path = COMPILED, image: str = DEFAULT_IMAGE) -> Path:
+    """Compiles the pipeline to ``path`` (YAML) and returns it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(image), package_path=str(path))
+    return path
+
+
+@dataclass
+class LocalRun:
+    """A finished local pipeline run: the probe accuracy and where the artifacts are."""
+
+    probe_top1: float
+    run_dir: Path
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+
+def run_local(pipeline_root: str | Path, arguments: dict[str, Any], image: str = DEFAULT_IMAGE) -> LocalRun:
+    """Runs the pipeline with KFP's ``SubprocessRunner`` in this Python environment.
+
+    Kubernetes-only settings (GPUs, mounts, secrets, retries) are ignored locally; pass
+    ``checkpoint_root`` (a local folder, or "" for the artifact folder) and ``gpus=0``.
+    Raises:
+        RuntimeError: a stage failed (its error is in the log above).
+    """
+    from kfp import local
+
+    root = Path(pipeline_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    before = {p for p in root.iterdir() if p.is_dir()}
+    cwd = os.getcwd()
+    os.chdir(REPO_ROOT)  # relative config paths resolve as in the image (WORKDIR is the repo copy)
+    try:
+        task = build_pipeline(image)(**arguments)
+    finally:
+        os.chdir(cwd)
+    new = sorted((p for p in root.iterdir() if p.is_dir() and p not in before), key=lambda p: p.stat().st_mtime)
+    run_dir = new[-1] if new else root
+    artifacts = {f"{p.parent.name}/{p.name}": p for p in run_dir.glob("*/*")
+                 if p.name != "executor_output.json" and not p.name.endswith(".work")}
+    return LocalRun(float(task.output), run_dir, artifacts)
