@@ -250,7 +250,7 @@ class Trainer:
                     self.loader.batch_sampler.skip_batches(self.next_batch)
                 if hasattr(self.dataset.transform, "set_epoch"):
                     self.dataset.transform.set_epoch(self.epoch)
-                micro = 0
+                micro, exhausted = 0, False
                 self.optimizer.zero_grad(set_to_none=True)
                 for batch_index, cpu_batch in enumerate(self.loader, start=self.next_batch):
                     if first_batch is None and self.dist.is_main:
@@ -305,11 +305,10 @@ class Trainer:
                         preempted = flag.raised
                         break
                 else:
-                    self.epoch += 1
-                    self.next_batch = 0
-                    self._run_knn_monitor()
-                if self.step < self.total_steps and self.next_batch >= self.batches_per_epoch:
+                    exhausted = True
+                if exhausted or self.next_batch >= self.batches_per_epoch:
                     self.epoch, self.next_batch = self.epoch + 1, 0
+                    self._run_knn_monitor()
         bar.close()
         if not preempted:
             self._run_knn_monitor(final=True)

@@ -32,6 +32,7 @@ def test_loss_is_finite_and_falls(tmp_path):
     result = train(cfg, progress=False)
     losses = [h["loss"] for h in result.metrics["history"] if "loss" in h]
     assert all(torch.isfinite(torch.tensor(losses)))
+    assert result.metrics["epochs_completed"] == 1  # 256 samples / batch 16 = 16 steps per epoch
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
     for name in ("encoder.pt", "metrics.json", "config.yaml", "loss_curve.png", "crops_and_masks.png"):
         assert (tmp_path / name).is_file(), name
@@ -123,4 +124,5 @@ def test_trains_from_shards(tmp_path):
                       tiny_overrides(tmp_path / "run", f"data.dataset=shards:{shards}", "training.max_steps=6",
                                      "data.num_workers=2"))
     result = train(cfg, progress=False)
+    assert result.metrics["epochs_completed"] == 0
     assert result.steps == 6 and (tmp_path / "run" / "encoder.pt").is_file()
