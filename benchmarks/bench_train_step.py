@@ -1,0 +1,349 @@
+"""Training-step throughput on CPU: our H-JEPA (reduced to plain I-JEPA) vs lightly's I-JEPA.
+
+One training step = forward (context encoder on the context patches, EMA target encoder on
+the full image, predictor on context + target-block queries, smooth-L1 loss) + backward +
+AdamW step + EMA update of the target encoder. No grad clipping, no AMP, fp32.
+
+* ours: ``build_hjepa`` from ``load_config`` with ``data.use_multicrop=false`` (one global
+  crop, no local crops), ``masking.num_hierarchies=1`` and ``loss.hierarchy_weights=[1.0]``,
+  so the model is plain I-JEPA; AdamW from ``hjepa_core.train.optim`` and
+  ``HJEPA.update_target``.
+* lightly: ``IJEPABackbone`` (torchvision ViT, class token, learned position embedding) as
+  context and target encoder, ``IJEPAPredictor`` with a torchvision ``Encoder`` stack of the
+  same width / depth as ours, the forward of lightly's I-JEPA example (target encoder ->
+  layer norm -> ``apply_masks`` -> ``repeat_interleave_batch``; context encoder with
+  ``idx_keep``; predictor with ``masks_x`` / ``masks``), ``nn.SmoothL1Loss``, the same AdamW
+  parameter groups and ``lightly.models.utils.update_momentum``.
+
+Both get exactly the same masks each step: our ``HierarchicalMaskGenerator`` (via
+``Config.build_mask_generator``) draws a context index tensor and 4 target blocks per image;
+lightly gets the context as ``masks_enc`` and each target block as one entry of
+``masks_pred``. lightly's encoder sequence starts with a class token, so indices into encoder
+tokens are shifted by one (the class token is dropped from the context, as in I-JEPA);
+indices into the predictor's position table are not.
+
+Timing: ``torch.set_num_threads`` (default 2), a few warm-up steps each, then N timed steps
+interleaved ours/lightly (order alternating), median per library; phases (forward, backward,
+optimizer, EMA) are timed too.
+
+    python benchmarks/bench_train_step.py                 # writes benchmarks/results/train_step.{json,md}
+    python benchmarks/bench_train_step.py --steps 2 --warmup 1 --out /tmp/bench   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hjepa_core.config import load_config
+from hjepa_core.data.multicrop_dataset import MultiCropBatch
+from hjepa_core.models import build_hjepa
+from hjepa_core.train.optim import build_optimizer, set_schedule
+
+LR, WEIGHT_DECAY, EMA = 1e-4, 0.04, 0.996
+
+
+def settings_from_args(args: argparse.Namespace) -> dict:
+    return {
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "patch_size": 16,
+        "encoder": {"embed_dim": 192, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0},
+        "predictor": {"embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 4.0},
+        "masks": {
+            "source": "ours (HierarchicalMaskGenerator), identical tensors fed to both",
+            "num_target_blocks": 4,
+            "target_scale": [0.15, 0.2],
+            "target_aspect_ratio": [0.75, 1.5],
+            "context_scale": [0.85, 1.0],
+            "context_excludes_targets": True,
+        },
+        "loss": "smooth_l1 (beta 1), targets = layer-normed target-encoder tokens",
+        "optimizer": f"AdamW lr={LR} betas=(0.9, 0.95) wd={WEIGHT_DECAY} (no wd on 1-D / tokens), foreach default",
+        "ema_momentum": EMA,
+        "grad_clip": None,
+        "precision": "fp32",
+        "threads": args.threads,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+    }
+
+
+def build_ours(s: dict):
+    e, p, m = s["encoder"], s["predictor"], s["masks"]
+    overrides = [
+        "data.use_multicrop=false",
+        f"data.multicrop.global_crop_size={s['image_size']}",
+        "masking.num_hierarchies=1",
+        "loss.hierarchy_weights=[1.0]",
+        "loss.type=smooth_l1",
+        "loss.vicreg_weight=0.0",
+        f"masking.num_target_masks={m['num_target_blocks']}",
+        f"masking.base_scale={m['target_scale']}",
+        f"masking.aspect_ratio_range={m['target_aspect_ratio']}",
+        f"masking.context_scale={m['context_scale']}",
+        "model.encoder=custom",
+        f"model.patch_size={s['patch_size']}",
+        f"model.embed_dim={e['embed_dim']}",
+        f"model.depth={e['depth']}",
+        f"model.num_heads={e['num_heads']}",
+        f"model.mlp_ratio={e['mlp_ratio']}",
+        f"model.predictor_embed_dim={p['embed_dim']}",
+        f"model.predictor_depth={p['depth']}",
+        f"model.predictor_num_heads={p['num_heads']}",
+        "training.precision=fp32",
+    ]
+    config = load_config(None, overrides)
+    model = build_hjepa(config).train()
+    optimizer = build_optimizer(model, LR)
+    set_schedule(optimizer, LR, WEIGHT_DECAY)
+    return config, model, optimizer
+
+
+class LightlyIJEPA(nn.Module):
+    """lightly's I-JEPA modules wired as in lightly's I-JEPA example."""
+
+    def __init__(self, s: dict) -> None:
+        from lightly.models.modules.ijepa import IJEPABackbone, IJEPAPredictor
+        from torchvision.models.vision_transformer import Encoder
+
+        e, p = s["encoder"], s["predictor"]
+        num_patches = (s["image_size"] // s["patch_size"]) ** 2
+        super().__init__()
+        self.encoder = IJEPABackbone(
+            image_size=s["image_size"], patch_size=s["patch_size"], num_layers=e["depth"],
+            num_heads=e["num_heads"], hidden_dim=e["embed_dim"],
+            mlp_dim=int(e["embed_dim"] * e["mlp_ratio"]),
+        )
+        self.target_encoder = copy.deepcopy(self.encoder)
+        self.target_encoder.requires_grad_(False)
+        # IJEPAPredictor's ``mlp_dim`` is both its input/output width (encoder width) and its
+        # blocks' MLP width, so build the block stack separately (as ``from_vit_encoder``
+        # does) to give the predictor blocks mlp_ratio 4 like ours.
+        stack = Encoder(
+            seq_length=num_patches, num_layers=p["depth"], num_heads=p["num_heads"],
+            hidden_dim=p["embed_dim"], mlp_dim=int(p["embed_dim"] * p["mlp_ratio"]),
+            dropout=0.0, attention_dropout=0.0,
+        )
+        self.predictor = IJEPAPredictor(
+            seq_length=num_patches, num_layers=1, num_heads=1, hidden_dim=p["embed_dim"],
+            predictor_embed_dim=p["embed_dim"], num_patches=num_patches,
+            mlp_dim=e["embed_dim"], dropout=0.0, attention_dropout=0.0,
+        )
+        self.predictor.layers = stack.layers
+        self.predictor.ln = stack.ln
+        self.criterion = nn.SmoothL1Loss()
+
+    def forward(self, images: Tensor, masks_enc: list[Tensor], masks_pred: list[Tensor]) -> Tensor:
+        from lightly.models import utils
+
+        with torch.no_grad():
+            h = self.target_encoder(images)
+            h = F.layer_norm(h, (h.size(-1),))
+            h = utils.apply_masks(h, [m + 1 for m in masks_pred])  # +1: skip the class token
+            h = utils.repeat_interleave_batch(h, len(images), repeat=len(masks_enc))
+        z = self.encoder(images, [m + 1 for m in masks_enc])
+        z = self.predictor(z, masks_enc, masks_pred)
+        return self.criterion(z, h)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    s = settings_from_args(args)
+    config, ours, ours_opt = build_ours(s)
+    lightly_model = LightlyIJEPA(s).train()
+    lightly_opt = build_optimizer(lightly_model, LR)
+    set_schedule(lightly_opt, LR, WEIGHT_DECAY)
+    from lightly.models.utils import update_momentum
+
+    b, size = s["batch_size"], s["image_size"]
+    total = args.warmup + args.steps
+    gen = config.build_mask_generator(seed=0)
+    mask_sets = [gen(b) for _ in range(total)]
+    images = [torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(i)) for i in range(total)]
+    box = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(1, b, 4).contiguous()
+
+    def ours_step(i: int) -> dict[str, float]:
+        batch = MultiCropBatch(
+            crops=[images[i]], labels=torch.zeros(b, dtype=torch.long), boxes=box,
+            flips=torch.zeros(1, b, dtype=torch.bool), indices=torch.arange(b),
+            num_global_crops=1, masks=mask_sets[i],
+        )
+        t0 = time.perf_counter()
+        loss = ours(batch).loss
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        ours_opt.step()
+        ours_opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        ours.update_target(EMA)
+        t4 = time.perf_counter()
+        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "ema": t4 - t3, "total": t4 - t0}
+
+    def lightly_step(i: int) -> dict[str, float]:
+        gm = mask_sets[i].global_masks[0]
+        masks_enc = [gm.context]
+        masks_pred = list(gm.targets[0].unbind(1))  # (B, M, T) -> M x (B, T)
+        t0 = time.perf_counter()
+        loss = lightly_model(images[i], masks_enc, masks_pred)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        lightly_opt.step()
+        lightly_opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        update_momentum(lightly_model.encoder, lightly_model.target_encoder, EMA)
+        t4 = time.perf_counter()
+        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "ema": t4 - t3, "total": t4 - t0}
+
+    steps: dict[str, Callable[[int], dict[str, float]]] = {"ours": ours_step, "lightly": lightly_step}
+    for i in range(args.warmup):
+        for fn in steps.values():
+            fn(i)
+    load_before = os.getloadavg()
+    times: dict[str, list[dict[str, float]]] = {name: [] for name in steps}
+    for j in range(args.steps):
+        i = args.warmup + j
+        order = list(steps) if j % 2 == 0 else list(reversed(steps))
+        for name in order:
+            times[name].append(steps[name](i))
+    load_after = os.getloadavg()
+
+    gm = mask_sets[0].global_masks[0]
+    results = {}
+    for name, model in (("ours", ours), ("lightly", lightly_model)):
+        phases = {k: median([t[k] for t in times[name]]) for k in times[name][0]}
+        totals = [t["total"] for t in times[name]]
+        results[name] = {
+            "images_per_s": b / phases["total"],
+            "step_s_median": phases["total"],
+            "step_s_min": min(totals),
+            "step_s_max": max(totals),
+            "phase_s_median": phases,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "steps_s": totals,
+        }
+    return {
+        "settings": s,
+        "mask_example": {
+            "grid": gm.grid_sizes[0],
+            "context_tokens": int(gm.context.shape[1]),
+            "target_tokens_per_block": int(gm.targets[0].shape[2]),
+            "blocks": int(gm.targets[0].shape[1]),
+        },
+        "results": results,
+        "ratio_ours_over_lightly": results["ours"]["images_per_s"] / results["lightly"]["images_per_s"],
+        # per interleaved pair (same step, same masks, back to back): less sensitive to load drift
+        "ratio_median_of_pairs": median([
+            lt / ot for ot, lt in zip(results["ours"]["steps_s"], results["lightly"]["steps_s"], strict=True)
+        ]),
+        "ratio_best_steps": results["lightly"]["step_s_min"] / results["ours"]["step_s_min"],
+        "loadavg_before": list(load_before),
+        "loadavg_after": list(load_after),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "lightly": __import__("lightly").__version__,
+        },
+    }
+
+
+def markdown(r: dict) -> str:
+    s, res = r["settings"], r["results"]
+    e, p, m = s["encoder"], s["predictor"], s["masks"]
+    me = r["mask_example"]
+    lines = [
+        "# Training-step throughput (CPU): ours vs lightly I-JEPA",
+        "",
+        "One step = forward + backward + AdamW step + EMA update; median of "
+        f"{s['timed_steps']} interleaved timed steps after {s['warmup_steps']} warm-up steps each, "
+        f"`torch.set_num_threads({s['threads']})`, fp32, no grad clipping.",
+        "",
+        "| model | images/s (median step) | images/s (best step) | step (s, median) | min / max (s) "
+        "| forward | backward | AdamW | EMA | trainable params |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, label in (("ours", "ours (HJEPA, 1 level, single crop)"), ("lightly", "lightly I-JEPA modules")):
+        x, ph = res[name], res[name]["phase_s_median"]
+        lines.append(
+            f"| {label} | {x['images_per_s']:.1f} | {s['batch_size'] / x['step_s_min']:.1f} | "
+            f"{x['step_s_median']:.3f} | "
+            f"{x['step_s_min']:.3f} / {x['step_s_max']:.3f} | {ph['forward']:.3f} | {ph['backward']:.3f} | "
+            f"{ph['optimizer']:.3f} | {ph['ema']:.4f} | {x['trainable_params']:,} |"
+        )
+    lines += [
+        "",
+        f"**ratio ours / lightly (images/s, median steps): {r['ratio_ours_over_lightly']:.2f}x**; "
+        f"median of per-pair ratios: {r['ratio_median_of_pairs']:.2f}x; best steps: {r['ratio_best_steps']:.2f}x",
+        "",
+        "Phase columns are medians in seconds (forward, backward, AdamW step + zero_grad, EMA).",
+        "",
+        f"Load average (1/5/15 min) before timing: {', '.join(f'{v:.2f}' for v in r['loadavg_before'])}; "
+        f"after: {', '.join(f'{v:.2f}' for v in r['loadavg_after'])} "
+        f"({r['machine']['cpu_count']} cores, shared). Machine: {r['machine']['platform']}, "
+        f"Python {r['machine']['python']}, torch {r['machine']['torch']}, lightly {r['machine']['lightly']}.",
+        "",
+        "## Settings",
+        "",
+        f"- batch {s['batch_size']}, images {s['image_size']} px (random normal), patch {s['patch_size']} "
+        f"-> {me['grid']}x{me['grid']} = {me['grid'] ** 2} patches",
+        f"- encoder: ViT embed {e['embed_dim']}, depth {e['depth']}, heads {e['num_heads']}, "
+        f"MLP ratio {e['mlp_ratio']} (ours: no class token, fixed sin-cos positions; lightly: "
+        "torchvision ViT with class token and learned positions)",
+        f"- predictor: embed {p['embed_dim']}, depth {p['depth']}, heads {p['num_heads']}, "
+        f"MLP ratio {p['mlp_ratio']} (lightly: `IJEPAPredictor` with a torchvision `Encoder` stack of that size)",
+        f"- masks: {m['source']}; {m['num_target_blocks']} target blocks, scale {m['target_scale']}, "
+        f"aspect {m['target_aspect_ratio']}, context block scale {m['context_scale']} minus targets; "
+        f"first batch: {me['context_tokens']} context tokens, {me['blocks']} x {me['target_tokens_per_block']} "
+        "target tokens per image",
+        "- ours: `load_config` with `data.use_multicrop=false`, `masking.num_hierarchies=1`, "
+        "`loss.hierarchy_weights=[1.0]`, `model.encoder=custom`; `build_hjepa`; predictor runs the "
+        "context plus all target blocks' queries in one sequence per image",
+        "- lightly: forward of lightly's I-JEPA example; the predictor repeats the context once per "
+        "target block (batch x blocks sequences of context + one block)",
+        f"- loss: {s['loss']}; optimizer: {s['optimizer']}; EMA momentum {s['ema_momentum']} "
+        "(ours `torch._foreach_lerp_`, lightly `update_momentum`)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    r = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_step.json").write_text(json.dumps(r, indent=2) + "\n")
+    text = markdown(r)
+    (out / "train_step.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
