@@ -1,0 +1,86 @@
+"""The whole pipeline run locally (KFP SubprocessRunner) against a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import TINY_OVERRIDES
+
+pytest.importorskip("kfp")
+pytest.importorskip("mlflow")
+
+from pipelines.hjepa_pipeline import run_local
+
+EXPERIMENT = "hjepa-pipeline-test"
+MODEL_NAME = "hjepa-encoder-pipeline-test"
+TINY = [o for o in TINY_OVERRIDES if not o.startswith(("data.max_samples", "tracking."))]
+
+
+def _arguments(uri: str, **changes: object) -> dict[str, object]:
+    arguments: dict[str, object] = {
+        "source": "fashion_mnist", "max_samples": 96, "max_test_samples": 48,
+        "config": "configs/fashion_mnist.yaml", "config_overrides": [*TINY, "training.max_steps=2",
+                             f"tracking.registered_model_name={MODEL_NAME}"],
+        "strategy": "cross_crop_prediction", "local_crop_size": 16, "gpus": 0, "checkpoint_root": "",
+        "mlflow_uri": uri, "experiment": EXPERIMENT, "eval_max_train_samples": 96, "eval_max_test_samples": 48,
+        "probe_epochs": 2, "baselines": False,
+    }
+    arguments.update(changes)
+    return arguments
+
+
+@pytest.mark.slow
+def test_pipeline_runs_locally_and_logs_to_mlflow(
+    tmp_path: Path, mlflow_server: str, fashion_mnist_train: object
+) -> None:
+    import mlflow
+
+    run = run_local(tmp_path / "root", _arguments(mlflow_server))
+    assert 0.0 <= run.probe_top1 <= 1.0
+    shards, model = run.artifacts["shard/shards"], run.artifacts["pretrain/model"]
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["num_samples"] == 96 and manifest["splits"]["test"]["num_samples"] == 48
+    assert {"encoder.pt", "config.yaml", "metrics.json"} <= {p.name for p in model.iterdir()}
+    assert "masking:\n  strategy: cross_crop_prediction" in (model / "config.yaml").read_text()
+    assert "linear probe" in run.artifacts["evaluate/report"].read_text().lower()
+
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("hjepa.stage") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    kfp_run_id = parent.data.tags["kfp.run_id"]
+    assert kfp_run_id and parent.data.metrics["probe_top1"] == pytest.approx(run.probe_top1)
+    parent_id = parent.info.run_id
+    children = {r.data.tags["hjepa.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
+    assert set(children) == {"shard", "pretrain", "evaluate"}
+    for child in children.values():
+        assert child.data.tags["kfp.run_id"] == kfp_run_id and child.info.status == "FINISHED"
+    assert children["shard"].data.metrics["train_num_samples"] == 96
+    pretrain = children["pretrain"]
+    assert pretrain.data.params["masking.strategy"] == "cross_crop_prediction"
+    assert pretrain.data.params["model.embed_dim"] == "32"
+    assert "final_loss" in pretrain.data.metrics or "loss" in pretrain.data.metrics
+    versions = client.search_model_versions(f"name='{MODEL_NAME}'")
+    assert [v.run_id for v in versions] == [pretrain.info.run_id]
+    evaluation = children["evaluate"]
+    assert evaluation.data.metrics["probe_top1"] == pytest.approx(run.probe_top1)
+    assert evaluation.data.tags["hjepa.pretrain_run_id"] == pretrain.info.run_id
+
+
+@pytest.mark.slow
+def test_failing_stage_fails_the_run_with_its_error(
+    tmp_path: Path, mlflow_server: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(RuntimeError, match="shard"):
+        run_local(tmp_path / "root", _arguments(mlflow_server, source=f"imagefolder:{missing}",
+                                                experiment="hjepa-pipeline-fail"))
+    out = capfd.readouterr()
+    assert str(missing) in out.out + out.err
+    assert not list((tmp_path / "root").glob("*/pretrain"))
