@@ -174,8 +174,6 @@ def pretrain_stage(
     config.tracking.parent_run_id = parent
     config.tracking.run_name = f"pretrain-{tracking.kfp_run_id}"
     config.tracking.tags = {**config.tracking.tags, KFP_RUN_TAG: tracking.kfp_run_id, STAGE_TAG: "pretrain"}
-    if gpus > 1:
-        config.training.device = "cuda"
     resolved = config.save(work / CONFIG_FILE)
     try:
         if gpus > 1:
