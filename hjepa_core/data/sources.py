@@ -6,6 +6,7 @@ dataset wraps it. A missing dataset is a :class:`DatasetNotFoundError` that says
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from collections.abc import Sequence
@@ -54,8 +55,10 @@ class ArrayImageDataset(Dataset):
         return Image.fromarray(self.images[index]), int(self.labels[index])
 
 
+@functools.lru_cache(maxsize=8)
 def _read_idx(path: Path) -> np.ndarray:
-    """Reads an IDX file (the MNIST family's format), gzipped or not."""
+    """Reads an IDX file (the MNIST family's format), gzipped or not; cached per process
+    because decompressing the training images takes about a second."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         data = f.read()
