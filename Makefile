@@ -9,7 +9,7 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/outputs/mlflow.db
 HJEPA := $(VENV)/bin/hjepa
 
-.PHONY: install fashion-mnist test lint demo bench mlflow-ui data repro
+.PHONY: install fashion-mnist test lint demo bench mlflow-ui data repro image pipeline
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,15 +34,24 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-# The main job on the embedded default: the seed's examples, one epoch of H-JEPA multi-crop
-# pretraining on Fashion-MNIST (CPU-sized), then linear probe + kNN against both baselines.
+# The main job on the embedded default: the seed's examples, then the Kubeflow pipeline run locally
+# (KFP SubprocessRunner): shard -> one epoch of H-JEPA multi-crop pretraining (CPU-sized) ->
+# linear probe + kNN against both baselines, logged to MLflow.
 demo: install
 	@mkdir -p outputs
 	$(PY) examples/multicrop_training_example.py
-	$(HJEPA) train --config configs/fashion_mnist.yaml
-	$(HJEPA) evaluate --checkpoint outputs/fashion_mnist --max_train_samples 10000 --max_test_samples 2000
-	@echo "Outputs: outputs/fashion_mnist (encoder.pt, metrics.json, loss_curve.png, eval/)."
+	$(HJEPA) pipeline run-local --root outputs/pipeline --config configs/fashion_mnist.yaml \
+		--max-samples 4096 --max-test-samples 2000
 	@echo "Browse the runs: make mlflow-ui  (then open http://127.0.0.1:5000)"
+
+# The one image of the components, the MLflow server and the PyTorchJob (needs a Docker engine).
+IMAGE ?= ghcr.io/hjepa/hjepa:0.1.0
+image:
+	docker build -f components/Dockerfile -t $(IMAGE) .
+
+# Recompile pipelines/hjepa_pipeline.yaml (for another image: make pipeline IMAGE=...).
+pipeline: install
+	$(HJEPA) pipeline compile --image $(IMAGE) --output pipelines/hjepa_pipeline.yaml
 
 # DVC: data/ (tracked by data.dvc) from Debian's package or a download, then the pipeline.
 data: install

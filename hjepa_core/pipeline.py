@@ -280,7 +280,7 @@ def add_pipeline_arguments(parser: Any) -> None:
     loc.add_argument("--source", default="fashion_mnist", help="dataset spec, as for `hjepa shard`")
     loc.add_argument("--data-path", default="", help="dataset folder when not in --source")
     loc.add_argument("--config", default="configs/fashion_mnist.yaml", help="YAML config")
-    loc.add_argument("--max-samples", type=int, default=8192, help="training images to shard (0: all)")
+    loc.add_argument("--max-samples", type=int, default=4096, help="training images to shard (0: all)")
     loc.add_argument("--max-test-samples", type=int, default=2000, help="test images to shard (0: all)")
     loc.add_argument("--epochs", type=int, default=0, help="= training.epochs (0: the config's)")
     loc.add_argument("--strategy", default="", help="= masking.strategy (empty: the config's)")
