@@ -244,6 +244,7 @@ def evaluate_stage(
         mlflow.set_tracking_uri(tracking.resolved_uri)
         client = mlflow.MlflowClient()
         client.set_tag(report["mlflow_run_id"], KFP_RUN_TAG, tracking.kfp_run_id)
+        client.set_tag(report["mlflow_run_id"], "mlflow.runName", f"evaluate-{tracking.kfp_run_id}")
         pretrain_run = read_stage(model_dir).get("mlflow_run_id")
         if pretrain_run:
             client.set_tag(report["mlflow_run_id"], "hjepa.pretrain_run_id", pretrain_run)

@@ -61,6 +61,7 @@ def test_pipeline_runs_locally_and_logs_to_mlflow(
     assert set(children) == {"shard", "pretrain", "evaluate"}
     for child in children.values():
         assert child.data.tags["kfp.run_id"] == kfp_run_id and child.info.status == "FINISHED"
+        assert child.info.run_name == f"{child.data.tags['hjepa.stage']}-{kfp_run_id}"
     assert children["shard"].data.metrics["train_num_samples"] == 96
     pretrain = children["pretrain"]
     assert pretrain.data.params["masking.strategy"] == "cross_crop_prediction"
