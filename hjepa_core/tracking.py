@@ -93,13 +93,7 @@ class MlflowTracker(NullTracker):
         parent_run_id: str | None = None,
         tags: dict[str, str] | None = None,
     ) -> None:
-        import mlflow
-
-        self._mlflow = mlflow
-        uri = resolve_tracking_uri(tracking_uri)
-        check_tracking_uri(uri)
-        if uri:
-            mlflow.set_tracking_uri(uri)
+        self._mlflow = mlflow = _use_tracking_uri(tracking_uri)
         self._client = mlflow.MlflowClient()
         mlflow_experiment = mlflow.set_experiment(experiment)
         self.experiment_id = mlflow_experiment.experiment_id
@@ -188,6 +182,7 @@ class RunRecord:
 
 
 def _use_tracking_uri(tracking_uri: str | None) -> Any:
+    """The ``mlflow`` module, pointed at the resolved URI after checking that it answers."""
     import mlflow
 
     uri = resolve_tracking_uri(tracking_uri)
