@@ -50,6 +50,7 @@ class LoadedEncoder:
     config: Config
     path: Path
     sha256: str
+    mlflow_run_id: str | None = None
 
     @property
     def crop_size(self) -> int:
@@ -135,7 +136,8 @@ def load_encoder(checkpoint: str | Path, config: Config | None = None) -> Loaded
     except RuntimeError as exc:
         raise EvalError(f"{path}: weights do not fit the architecture {arch} ({exc})") from exc
     encoder.requires_grad_(False).eval()
-    return LoadedEncoder(encoder, config if config is not None else stored, path, file_sha256(path))
+    return LoadedEncoder(encoder, config if config is not None else stored, path, file_sha256(path),
+                         state.get("mlflow_run_id") or None)
 
 
 def check_pooling(pooling: str, levels: int) -> str:

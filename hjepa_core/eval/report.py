@@ -57,7 +57,8 @@ class EvalSettings:
         baselines: also score random-init weights and raw pixels.
         tracking: log to MLflow; None follows the checkpoint config's ``tracking.enabled``.
         tracking_uri, experiment: None: the checkpoint config's (URI also from MLFLOW_TRACKING_URI).
-        parent_run_id: the pretraining run; None looks it up by ``training.output_dir`` in the experiment.
+        parent_run_id: the pretraining run; None takes the run id stored in ``encoder.pt``, else looks it
+            up by ``training.output_dir`` in the experiment.
         cache_dir: feature cache (None: ``$HJEPA_CACHE/features``); ``use_cache=False`` disables it.
         output_dir: where the report goes (None: ``<checkpoint dir>/eval``).
     """
@@ -212,8 +213,8 @@ def _start_tracking(settings: EvalSettings, loaded: LoadedEncoder, dataset: str)
         return None, None
     uri = settings.tracking_uri or cfg.tracking_uri
     experiment = settings.experiment or cfg.experiment
-    parent = settings.parent_run_id
-    match = "given"
+    parent = settings.parent_run_id or loaded.mlflow_run_id
+    match = "given" if settings.parent_run_id else "checkpoint"
     if parent is None:
         parent = _find_pretrain_run(experiment, loaded.config.training.output_dir, uri)
         match = "training.output_dir" if parent else "none"

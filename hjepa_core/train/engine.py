@@ -67,10 +67,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def save_encoder(model: HJEPA, config: Config, path: Path) -> Path:
-    """The target encoder's weights with its architecture and the run's config."""
+def save_encoder(model: HJEPA, config: Config, path: Path, run_id: str | None = None) -> Path:
+    """The target encoder's weights with its architecture, the run's config and its MLflow run id
+    (so an evaluation can link itself to exactly this run)."""
     encoder = model.target_encoder
-    state = {"arch": encoder.arch(), "state_dict": encoder.state_dict(), "config": config.to_dict()}
+    state = {"arch": encoder.arch(), "state_dict": encoder.state_dict(), "config": config.to_dict(),
+             "mlflow_run_id": run_id or ""}
     return atomic_torch_save(state, path)
 
 
@@ -353,7 +355,7 @@ class Trainer:
         if preempted:
             self.tracker.finish("KILLED")
             return TrainResult(self.output_dir, None, summary, self.tracker.run_id, self.step, True)
-        encoder_path = save_encoder(self.model, self.config, self.output_dir / ENCODER_FILE)
+        encoder_path = save_encoder(self.model, self.config, self.output_dir / ENCODER_FILE, self.tracker.run_id)
         curves = {
             name: [(h["step"], h[name]) for h in losses if name in h]
             for name in sorted({k for h in losses for k in h if k.startswith("loss")})

@@ -41,7 +41,7 @@ def test_eval_run_is_a_child_of_the_pretraining_run(mlflow_server, logged):
         tags = eval_run.data.tags
         assert tags["mlflow.parentRunId"] == result.run_id and tags["hjepa.pretrain_run_id"] == result.run_id
         assert tags["hjepa.stage"] == "evaluate" and tags["hjepa.checkpoint_sha256"] == report["checkpoint_sha256"]
-        assert tags["hjepa.parent_match"] == ("training.output_dir" if name == "gonly" else "given")
+        assert tags["hjepa.parent_match"] == ("checkpoint" if name == "gonly" else "given")
         assert eval_run.data.metrics["probe_top1"] == pytest.approx(report["metrics"]["probe_top1"])
         assert eval_run.data.params["eval.pooling"] == "mean"
         assert eval_run.data.params["pretrain.masking.strategy"] == train_run.data.params["masking.strategy"]
