@@ -97,3 +97,14 @@ def test_dvc_repro_noop_and_partial_rerun(tmp_path: Path) -> None:
     assert _stages_run(third) == {"pretrain", "evaluate"}
     diff = json.loads(_run([str(DVC), "params", "diff", "--json"], repo, env))
     assert diff["params.yaml"]["pretrain.lr"]["new"] == 0.002
+
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "lr 0.002"], repo, env)
+    experiment = _run([str(DVC), "exp", "run", "-S", "pretrain.epochs=2", "-n", "two-epochs"], repo, env)
+    assert _stages_run(experiment) == {"pretrain", "evaluate"}
+    assert json.loads((repo / "outputs/dvc/pretrain/summary.json").read_text())["steps"] == 8
+    diff = json.loads(_run([str(DVC), "metrics", "diff", "--json"], repo, env))
+    assert diff["outputs/dvc/pretrain/summary.json"]["steps"] == {"old": 4, "new": 8, "diff": 4}
+    assert "two-epochs" in _run([str(DVC), "exp", "show", "--json"], repo, env)
+    plots = _run([str(DVC), "plots", "show", "--json"], repo, env)
+    assert "loss_history.csv" in plots and "confusion_matrix.png" in plots
