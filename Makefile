@@ -9,7 +9,7 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/outputs/mlflow.db
 HJEPA := $(VENV)/bin/hjepa
 
-.PHONY: install fashion-mnist test lint demo bench mlflow-ui data repro image pipeline
+.PHONY: install fashion-mnist kubectl test lint demo bench mlflow-ui data repro image pipeline
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,7 +26,14 @@ fashion-mnist:
 		echo "note: could not apt-get install dataset-fashion-mnist; torchvision will download it"; \
 	fi
 
-install: $(STAMP) fashion-mnist
+# kubectl renders manifests/ (kustomize) in the manifest tests; they skip where it is missing.
+kubectl:
+	@if ! command -v kubectl >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+		apt-get install -y -q kubectl >/dev/null 2>&1 || \
+		echo "note: could not apt-get install kubectl; the manifest tests will be skipped"; \
+	fi
+
+install: $(STAMP) fashion-mnist kubectl
 
 test: install
 	$(PY) -m pytest -q -x
