@@ -117,6 +117,7 @@ class TrainingConfig:
     compile: bool = False
     seed: int = 0
     max_steps: int | None = None
+    time_budget_s: float | None = None
     log_every: int = 10
     checkpoint_every_steps: int = 0
     keep_last_checkpoints: int = 3
@@ -207,6 +208,9 @@ class Config:
         for key in ("epochs", "batch_size", "accumulation_steps", "keep_last_checkpoints", "log_every"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"training.{key} must be >= 1, got {getattr(t, key)}")
+        if t.time_budget_s is not None and not t.time_budget_s > 0:
+            raise ConfigError(f"training.time_budget_s must be > 0 seconds (or null for an epoch schedule), "
+                              f"got {t.time_budget_s}")
         if t.lr <= 0 or t.min_lr < 0:
             raise ConfigError("training.lr must be > 0 and training.min_lr >= 0")
         if not 0.0 <= t.ema_momentum <= t.ema_momentum_end <= 1.0:

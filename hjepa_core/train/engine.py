@@ -138,10 +138,16 @@ class Trainer:
                 f"one epoch has {self.batches_per_epoch} batches, fewer than training.accumulation_steps="
                 f"{t.accumulation_steps}; lower accumulation_steps or batch_size"
             )
-        self.total_steps = t.epochs * self.steps_per_epoch
+        # With a time budget the run ends on the clock, not the epoch count; schedules keep the
+        # epoch schedule's shape (warmup fraction warmup_epochs / epochs) over elapsed time, so
+        # variants compared at equal wall-clock all finish their cosine.
+        self.time_budget = t.time_budget_s
+        self.total_steps = t.epochs * self.steps_per_epoch if self.time_budget is None else 2**62
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
-        self.warmup_steps = int(t.warmup_epochs * self.steps_per_epoch)
+        self.warmup_fraction = min(t.warmup_epochs / t.epochs, 1.0)
+        self.train_seconds = 0.0
+        self.images_seen = 0
 
         self.model = build_hjepa(config).to(self.device)
         self.optimizer = build_optimizer(self.model, t.lr)
@@ -175,6 +181,8 @@ class Trainer:
             "epoch": self.epoch,
             "next_batch": self.next_batch,
             "history": self.history,
+            "train_seconds": self.train_seconds,
+            "images_seen": self.images_seen,
             "rng_cpu": torch.get_rng_state(),
             "config": self.config.to_dict(),
         }
@@ -192,6 +200,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.next_batch = state["step"], state["epoch"], state["next_batch"]
         self.history = list(state.get("history", []))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.images_seen = int(state.get("images_seen", 0))
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
@@ -203,12 +213,30 @@ class Trainer:
                                self.config.training.keep_last_checkpoints)
 
     # -- loop ------------------------------------------------------------------------------
+    def _progress(self) -> float:
+        """Fraction of the run done: elapsed / budget with a time budget, else step / total steps."""
+        if self.time_budget is not None:
+            return min(self.train_seconds / self.time_budget, 1.0)
+        return min(self.step / max(self.total_steps, 1), 1.0)
+
+    def _out_of_time(self) -> bool:
+        return self.time_budget is not None and self.train_seconds >= self.time_budget
+
+    def _agreed_seconds(self, seconds: float) -> float:
+        """The slowest rank's step time under DDP with a time budget, so that every rank follows
+        the same schedule and stops at the same step (one tiny all-reduce per step)."""
+        if self.time_budget is None or not self.dist.enabled:
+            return seconds
+        value = torch.tensor([seconds], dtype=torch.float64, device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return float(value)
+
     def _schedules(self) -> dict[str, float]:
-        t = self.config.training
+        t, progress = self.config.training, self._progress()
         return {
-            "lr": cosine_schedule(self.step, self.total_steps, t.lr, t.min_lr, self.warmup_steps),
-            "weight_decay": cosine_schedule(self.step, self.total_steps, t.weight_decay, t.weight_decay_end),
-            "ema_momentum": ema_momentum(self.step, self.total_steps, t.ema_momentum, t.ema_momentum_end),
+            "lr": cosine_schedule(progress, 1.0, t.lr, t.min_lr, self.warmup_fraction),
+            "weight_decay": cosine_schedule(progress, 1.0, t.weight_decay, t.weight_decay_end),
+            "ema_momentum": ema_momentum(progress, 1.0, t.ema_momentum, t.ema_momentum_end),
         }
 
     def _prepare(self, batch: MultiCropBatch) -> MultiCropBatch:
@@ -242,8 +270,9 @@ class Trainer:
                    dynamic_ncols=True)
         preempted = False
         first_batch: MultiCropBatch | None = None
+        clock = time.perf_counter()
         with _PreemptionFlag() as flag:
-            while self.step < self.total_steps and not preempted:
+            while self.step < self.total_steps and not preempted and not self._out_of_time():
                 if isinstance(self.dataset, torch.utils.data.IterableDataset):
                     self.dataset.set_epoch(self.epoch)
                     self.dataset.skip_batches(self.next_batch, t.batch_size)
@@ -267,6 +296,7 @@ class Trainer:
                             out = net(batch)
                         self.scaler.scale(out.loss / t.accumulation_steps).backward()
                     window_images += batch.batch_size
+                    self.images_seen += batch.batch_size * self.dist.world_size
                     for name, value in out.parts.items():
                         window[name] = window.get(name, 0.0) + float(value) / t.accumulation_steps
                     window["loss"] = window.get("loss", 0.0) + float(out.loss.detach()) / t.accumulation_steps
@@ -283,12 +313,16 @@ class Trainer:
                     self.model.update_target(schedule["ema_momentum"])
                     self.step += 1
                     self.next_batch = batch_index + 1
+                    now = time.perf_counter()
+                    self.train_seconds += self._agreed_seconds(now - clock)
+                    clock = now
+                    finished = self.step >= self.total_steps or self._out_of_time()
                     bar.update(1)
                     window["grad_norm"] = window.get("grad_norm", 0.0) + float(grad_norm)
                     window["steps"] = window.get("steps", 0.0) + 1
                     if self.step % cfg.loss.collapse_every == 0 or self.step == 1:
                         self._log(collapse_metrics(out.pooled_targets.detach()))
-                    if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    if self.step % t.log_every == 0 or finished:
                         elapsed = time.perf_counter() - window_start
                         steps = window.pop("steps")
                         metrics = {k: v / steps for k, v in window.items()}
@@ -303,7 +337,7 @@ class Trainer:
                         window, window_images, window_start = {}, 0, time.perf_counter()
                     if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0:
                         self.save_checkpoint()
-                    if flag.raised or self.step >= self.total_steps:
+                    if flag.raised or finished:
                         preempted = flag.raised
                         break
                 else:
@@ -311,6 +345,7 @@ class Trainer:
                 if exhausted or self.next_batch >= self.batches_per_epoch:
                     self.epoch, self.next_batch = self.epoch + 1, 0
                     self._run_knn_monitor()
+                    clock = time.perf_counter()  # monitoring is not training time
         bar.close()
         if not preempted:
             self._run_knn_monitor(final=True)
@@ -343,6 +378,8 @@ class Trainer:
         summary = {
             "steps": self.step,
             "epochs_completed": self.epoch,
+            "images_seen": self.images_seen,
+            "train_seconds": self.train_seconds,
             "final_loss": losses[-1]["loss"] if losses else None,
             "preempted": preempted,
             "history": self.history,
