@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -134,18 +136,108 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_shard(sub: argparse._SubParsersAction) -> None:
-    from hjepa_core.data.shards import add_shard_arguments, run_shard
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+               "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
-    p = sub.add_parser("shard", help="write a dataset as verified WebDataset shards with a manifest")
-    add_shard_arguments(p)
-    p.set_defaults(func=run_shard)
+
+def parse_byte_size(text: str) -> int:
+    """Parses ``500000``, ``64MB``, ``1GiB`` ... into bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 500000, 64MB, 1GiB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_shard(sub: argparse._SubParsersAction) -> None:
+    from hjepa_core.data.shards.writer import DEFAULT_SAMPLES_PER_SHARD, IMAGE_FORMATS
+
+    parser = sub.add_parser("shard", help="write a dataset as verified WebDataset shards with a manifest")
+    parser.add_argument("--source", required=True,
+                        help="fashion_mnist | imagefolder:PATH | cifar10:PATH | cifar100:PATH | stl10:PATH")
+    parser.add_argument("--out", required=True, help="shard directory (manifest.json goes there)")
+    parser.add_argument("--split", default="train", help="split to write (default: train)")
+    parser.add_argument("--data-path", default=None, help="dataset folder when not in --source")
+    parser.add_argument("--max-samples", type=_positive_int, default=None,
+                        help="write a fixed random subset of this size (quick runs)")
+    limit = parser.add_mutually_exclusive_group()
+    limit.add_argument("--samples-per-shard", type=_positive_int, default=None,
+                       help=f"samples per shard (default {DEFAULT_SAMPLES_PER_SHARD}, capped at 1 GiB)")
+    limit.add_argument("--max-shard-bytes", type=parse_byte_size, default=None,
+                       help="bytes per shard file at most, e.g. 256MB")
+    parser.add_argument("--image-format", choices=sorted(IMAGE_FORMATS), default="png",
+                        help="png (lossless, default) or jpeg; matching files are stored as-is")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality 1-100 (default 95)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="encoding processes (0: all CPUs); output is identical for any value")
+    parser.add_argument("--no-shuffle", action="store_true",
+                        help="keep the source order (default: a seeded random order)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample order")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_run_shard)
+
+
+def _run_shard(args: argparse.Namespace) -> int:
+    """``hjepa shard``; returns the exit code (0 ok, 1 nothing written, 2 bad input)."""
+    from hjepa_core.data.shards import MANIFEST_NAME, write_shards
+    from hjepa_core.data.sources import DatasetNotFoundError
+
+    try:
+        manifest = write_shards(
+            args.source, args.out, args.split, data_path=args.data_path,
+            max_samples=args.max_samples,
+            samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
+            image_format=args.image_format, quality=args.quality, workers=args.workers,
+            shuffle=not args.no_shuffle, seed=args.seed, progress=not args.no_progress,
+        )
+    except (DatasetNotFoundError, ValueError, OSError) as exc:
+        print(f"hjepa shard: error: {exc}", file=sys.stderr)
+        return 2
+    info = manifest["splits"][args.split]
+    reasons = ", ".join(f"{k}: {v}" for k, v in info["skipped_by_reason"].items())
+    print(
+        f"{args.split}: {info['num_inputs']} inputs = {info['num_samples']} written in "
+        f"{len(info['shards'])} shard(s) + {info['num_skipped']} skipped"
+        + (f" ({reasons})" if reasons else "")
+        + f"; {info['num_converted']} converted; manifest: {Path(args.out) / MANIFEST_NAME}"
+    )
+    if info["num_samples"] == 0:
+        print("hjepa shard: error: no readable images", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    from hjepa_core.data.fetch import add_data_arguments
+    from hjepa_core.data.fetch import FETCHABLE
 
-    add_data_arguments(sub.add_parser("data", help="raw dataset files: `hjepa data fetch NAME DEST`"))
+    parser = sub.add_parser("data", help="raw dataset files: `hjepa data fetch NAME DEST`")
+    data_sub = parser.add_subparsers(dest="data_command", required=True)
+    fetch = data_sub.add_parser("fetch", help="copy (or download) a dataset's raw files into a folder, hash-checked")
+    fetch.add_argument("name", choices=FETCHABLE, help="dataset name")
+    fetch.add_argument("dest", help="destination folder, e.g. data/")
+    fetch.add_argument("--no-download", action="store_true", help="fail rather than download when not installed")
+    fetch.set_defaults(func=_run_data_fetch)
+
+
+def _run_data_fetch(args: argparse.Namespace) -> int:
+    """``hjepa data fetch``; returns the exit code."""
+    from hjepa_core.data.fetch import FetchError, fetch_dataset
+
+    try:
+        paths = fetch_dataset(args.name, args.dest, download=not args.no_download)
+    except (FetchError, ValueError) as exc:
+        print(f"hjepa data fetch: error: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"{path}  sha256 ok")
+    return 0
 
 
 def _add_pipeline(sub: argparse._SubParsersAction) -> None:

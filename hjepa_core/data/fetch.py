@@ -7,12 +7,10 @@ decompressed bytes do not, so the folder's DVC hash is the same whichever source
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from hjepa_core.data.sources import (
@@ -103,26 +101,3 @@ def fetch_dataset(name: str, dest: str | Path, download: bool = True) -> list[Pa
         raise ValueError(f"cannot fetch {name!r}; fetchable: {', '.join(FETCHABLE)} "
                          "(for other data, put the files in the folder and `dvc add` it)")
     return fetch_fashion_mnist(dest, download)
-
-
-def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds ``hjepa data``'s sub-commands (``fetch``) to ``parser``."""
-    sub = parser.add_subparsers(dest="data_command", required=True)
-    fetch = sub.add_parser("fetch", help="copy (or download) a dataset's raw files into a folder, hash-checked")
-    fetch.add_argument("name", choices=FETCHABLE, help="dataset name")
-    fetch.add_argument("dest", help="destination folder, e.g. data/")
-    fetch.add_argument("--no-download", action="store_true", help="fail rather than download when not installed")
-    fetch.set_defaults(func=run_data_fetch)
-    return parser
-
-
-def run_data_fetch(args: argparse.Namespace) -> int:
-    """Runs ``hjepa data fetch``; returns the exit code."""
-    try:
-        paths = fetch_dataset(args.name, args.dest, download=not args.no_download)
-    except (FetchError, ValueError) as exc:
-        print(f"hjepa data fetch: error: {exc}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(f"{path}  sha256 ok")
-    return 0

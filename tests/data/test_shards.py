@@ -23,6 +23,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from hjepa_core.cli import main as hjepa_main
+from hjepa_core.cli import parse_byte_size
 from hjepa_core.data import build_multicrop_dataloader, build_multicrop_dataset, build_source
 from hjepa_core.data.images import MAX_IMAGE_PIXELS, to_rgb
 from hjepa_core.data.shards import (
@@ -30,8 +32,6 @@ from hjepa_core.data.shards import (
     ShardMultiCropDataset,
     ShardSource,
     is_shard_spec,
-    main,
-    parse_byte_size,
     read_manifest,
     shard_spec_from,
     shuffled_order,
@@ -194,7 +194,7 @@ def bad_corpus(tmp_path) -> tuple[Path, dict[str, Image.Image]]:
 def test_bad_files_are_skipped_counted_and_listed(bad_corpus, tmp_path):
     root, originals = bad_corpus
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "hjepa_core.data.shards", "--source",
+    proc = subprocess.run([sys.executable, "-m", "hjepa_core.cli", "shard", "--source",
                            f"imagefolder:{root}", "--out", str(out), "--samples-per-shard", "4",
                            "--workers", "2", "--no-progress"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
@@ -295,6 +295,11 @@ def test_interrupted_write_leaves_no_complete_looking_shard(fm_small, fm_shards,
     assert _shas(again, "train") == _shas(reference, "train")
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert len(list(ShardSource(tmp_path, "train"))) == N
+
+
+def main(argv: list[str]) -> int:
+    """``hjepa shard ARGV``."""
+    return hjepa_main(["shard", *argv])
 
 
 def test_cli_arguments(fm_small, tmp_path, capsys):
