@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes."""
+"""Small shared helpers: atomic file writes and seed mixing."""
 
 from __future__ import annotations
 
@@ -37,3 +37,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` through a temp file and rename (a crash never leaves half a checkpoint)."""
     return _atomic_replace(path, lambda tmp: torch.save(obj, tmp))
+
+
+SEED_MODULUS = 2**63 - 1  # seeds stay non-negative 63-bit integers (torch.Generator takes them)
+
+
+def mix_seeds(*values: int, salt: int = 0) -> int:
+    """A deterministic 63-bit seed from integers (``salt`` is added to every value, so two
+    callers that mix the same values with different salts get unrelated streams)."""
+    mixed = 0
+    for v in values:
+        mixed = (mixed * 1_000_003 + int(v) + salt) % SEED_MODULUS
+    return mixed

@@ -6,7 +6,6 @@ from hjepa_core.data.multicrop_dataset import (
     MultiCropCollator,
     MultiCropDataset,
     MultiCropDatasetRaw,
-    MultiCropSample,
     SeededBatchSampler,
     build_multicrop_dataloader,
     build_multicrop_dataset,
@@ -20,6 +19,7 @@ from hjepa_core.data.multicrop_transforms import (
     build_multicrop_transform,
 )
 from hjepa_core.data.photometric import AugmentPolicy, BatchPhotometric
+from hjepa_core.data.samples import MultiCropSample
 from hjepa_core.data.sources import DATASET_NAMES, DatasetNotFoundError, build_source
 
 __all__ = [

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from hjepa_core.data.sources import (
+from hjepa_core.data.raw_sources import (
     FASHION_MNIST_FILES,
     DatasetNotFoundError,
     default_cache_dir,

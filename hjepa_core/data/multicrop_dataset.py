@@ -22,40 +22,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hjepa_core.data.images import BadImageError
 from hjepa_core.data.multicrop_transforms import (
-    CropGeometry,
     MultiCropPhotometric,
     MultiCropTransform,
     build_multicrop_transform,
 )
+from hjepa_core.data.samples import MultiCropSample, sample_seed
+from hjepa_core.data.shards import build_shard_multicrop_dataset, shard_spec_from
 from hjepa_core.data.sources import build_source
 from hjepa_core.masks.multicrop_masking import MultiCropMaskGenerator, MultiCropMasks
+from hjepa_core.utils import mix_seeds
 
 SampleKey = int | tuple[int, int]
-_SEED_MODULUS = 2**63 - 1
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one sample's augmentation in one epoch."""
-    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index * 6_700_417 + 1) % _SEED_MODULUS
-
-
-@dataclass
-class MultiCropSample:
-    """One image's crops (uint8, global first), label and crop geometry.
-
-    Unpacks like the seed's ``(crops, label)`` pair.
-    """
-
-    crops: list[Tensor]
-    label: int
-    geometry: list[CropGeometry]
-    num_global_crops: int
-    index: int = -1
-    seed: int | None = None
-
-    def __iter__(self) -> Iterator:
-        yield self.crops
-        yield self.label
 
 
 @dataclass
@@ -200,11 +177,9 @@ def build_multicrop_dataset(
     :class:`~hjepa_core.data.shards.ShardMultiCropDataset` (see
     :func:`~hjepa_core.data.shards.build_shard_multicrop_dataset` for its extra ``kwargs``).
     """
-    from hjepa_core.data import shards  # here: shards imports this module
-
-    spec = shards.shard_spec_from(dataset_name, data_path)
+    spec = shard_spec_from(dataset_name, data_path)
     if spec is not None:
-        return shards.build_shard_multicrop_dataset(
+        return build_shard_multicrop_dataset(
             spec, split, max_samples=max_samples, num_global_crops=num_global_crops,
             num_local_crops=num_local_crops, global_crop_size=global_crop_size,
             local_crop_size=local_crop_size, **kwargs)
@@ -219,13 +194,6 @@ def build_multicrop_dataset(
         local_crop_size=local_crop_size,
         **kwargs,
     )
-
-
-def _combine_seeds(seeds: Sequence[int]) -> int:
-    combined = 0
-    for s in seeds:
-        combined = (combined * 1_000_003 + s) % _SEED_MODULUS
-    return combined
 
 
 class MultiCropCollator:
@@ -261,7 +229,7 @@ class MultiCropCollator:
         )
         flips = torch.tensor([[s.geometry[i].flipped for s in kept] for i in range(n_crops)])
         seeds = [s.seed for s in kept]
-        seed = _combine_seeds(seeds) if all(x is not None for x in seeds) else None  # type: ignore[arg-type]
+        seed = mix_seeds(*seeds) if all(x is not None for x in seeds) else None  # type: ignore[arg-type]
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         normalized = self.photometric is not None and not self.defer_photometric
         if normalized:

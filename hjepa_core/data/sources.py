@@ -1,223 +1,50 @@
-"""Named image sources: the embedded Fashion-MNIST default, torchvision sets and image folders.
+"""Named image sources: one front door (:func:`build_source`) for raw datasets and WebDataset shards.
 
-Every source is a map-style dataset yielding ``(PIL.Image, int label)``; the multi-crop
-dataset wraps it. A missing dataset is a :class:`DatasetNotFoundError` that says how to get it.
+Raw datasets (Fashion-MNIST, torchvision sets, image folders) live in
+:mod:`hjepa_core.data.raw_sources`, shards in :mod:`hjepa_core.data.shards`; their public names
+are re-exported here.
 """
 
 from __future__ import annotations
 
-import functools
-import gzip
-import os
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset
 
-FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+from hjepa_core.data.raw_sources import (
+    DATASET_NAMES,
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_FILES,
+    FASHION_MNIST_SYSTEM_DIR,
+    IMAGE_EXTENSIONS,
+    ArrayImageDataset,
+    DatasetNotFoundError,
+    ImageFolderSource,
+    SubsetSource,
+    TorchvisionSource,
+    build_raw_source,
+    default_cache_dir,
+    find_fashion_mnist,
+    load_fashion_mnist,
 )
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder")
+from hjepa_core.data.shards import shard_source, shard_spec_from
 
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset's files are not where the caller said; the message says how to get them."""
-
-
-def default_cache_dir() -> Path:
-    """Where downloads go when no path is given (``$HJEPA_CACHE`` or ``~/.cache/hjepa``)."""
-    return Path(os.environ.get("HJEPA_CACHE", Path.home() / ".cache" / "hjepa"))
-
-
-class ArrayImageDataset(Dataset):
-    """In-memory uint8 images (N, H, W[, C]) with integer labels, yielded as PIL images."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> None:
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images = images
-        self.labels = labels.astype(np.int64)
-        self.classes = list(classes)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(self.images[index]), int(self.labels[index])
-
-
-@functools.lru_cache(maxsize=8)
-def _read_idx(path: Path) -> np.ndarray:
-    """Reads an IDX file (the MNIST family's format), gzipped or not; cached per process
-    because decompressing the training images takes about a second."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: truncated IDX file ({array.size} of {int(np.prod(shape))} values)")
-    return array.reshape(shape)
-
-
-def find_fashion_mnist(data_path: str | Path | None) -> Path | None:
-    """Returns the first folder holding Fashion-MNIST's four files, or None."""
-    candidates = []
-    if data_path:
-        root = Path(data_path)
-        candidates += [root, root / "fashion_mnist", root / "fashion-mnist",
-                       root / "FashionMNIST" / "raw"]
-    candidates += [FASHION_MNIST_SYSTEM_DIR, default_cache_dir() / "FashionMNIST" / "raw"]
-    names = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
-    for folder in candidates:
-        if all((folder / n).exists() or (folder / n.removesuffix(".gz")).exists() for n in names):
-            return folder
-    return None
-
-
-def _idx_file(folder: Path, name: str) -> Path:
-    gz = folder / name
-    return gz if gz.exists() else folder / name.removesuffix(".gz")
-
-
-def load_fashion_mnist(data_path: str | Path | None, split: str, download: bool = True) -> ArrayImageDataset:
-    """Fashion-MNIST (Xiao et al., 2017): Debian's ``dataset-fashion-mnist`` files, a given
-    folder, or torchvision's download into the cache dir."""
-    folder = find_fashion_mnist(data_path)
-    if folder is None and download:
-        from torchvision.datasets import FashionMNIST
-
-        try:
-            FashionMNIST(str(default_cache_dir()), train=True, download=True)
-            FashionMNIST(str(default_cache_dir()), train=False, download=True)
-        except Exception as exc:  # network errors come in many types
-            raise DatasetNotFoundError(
-                "Fashion-MNIST not found and the download failed "
-                f"({type(exc).__name__}: {exc}). Install Debian's package "
-                "(`apt-get install dataset-fashion-mnist`) or put the four *-ubyte.gz files "
-                "in a folder and pass it as data_path."
-            ) from exc
-        folder = find_fashion_mnist(data_path)
-    if folder is None:
-        raise DatasetNotFoundError(
-            f"Fashion-MNIST not found (looked in {data_path or '-'}, {FASHION_MNIST_SYSTEM_DIR}, "
-            f"{default_cache_dir()}). Install `dataset-fashion-mnist` (apt) or allow the download."
-        )
-    images_name, labels_name = FASHION_MNIST_FILES[split]
-    return ArrayImageDataset(
-        _read_idx(_idx_file(folder, images_name)),
-        _read_idx(_idx_file(folder, labels_name)),
-        FASHION_MNIST_CLASSES,
-    )
-
-
-class ImageFolderSource(Dataset):
-    """A folder of class sub-folders (``root/<class>/<image>``), decoded lazily with PIL.
-
-    Files are opened at ``__getitem__`` time; :func:`hjepa_core.data.images.load_image` turns
-    any PIL mode into RGB and raises :class:`~hjepa_core.data.images.BadImageError` naming
-    the file when it cannot be decoded.
-    """
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise DatasetNotFoundError(
-                f"imagefolder: {self.root} is not a directory; pass a folder of class sub-folders"
-            )
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        if not self.classes:
-            raise DatasetNotFoundError(
-                f"imagefolder: {self.root} has no class sub-folders (expected root/<class>/<image>)"
-            )
-        self.samples: list[tuple[Path, int]] = [
-            (path, label)
-            for label, name in enumerate(self.classes)
-            for path in sorted((self.root / name).rglob("*"))
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-        ]
-        if not self.samples:
-            raise DatasetNotFoundError(
-                f"imagefolder: no images with extensions {IMAGE_EXTENSIONS} under {self.root}"
-            )
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        from hjepa_core.data.images import load_image
-
-        path, label = self.samples[index]
-        return load_image(path), label
-
-
-class TorchvisionSource(Dataset):
-    """Adapts a torchvision classification dataset to ``(PIL image, label)`` with ``classes``."""
-
-    def __init__(self, dataset: Dataset, classes: Sequence[str]) -> None:
-        self.dataset = dataset
-        self.classes = list(classes)
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        image, label = self.dataset[index]
-        return image, int(label)
-
-
-_TORCHVISION_CLASS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10"}
-
-
-def _torchvision_source(name: str, data_path: str | Path | None, split: str) -> TorchvisionSource:
-    from torchvision import datasets
-
-    if not data_path:
-        raise DatasetNotFoundError(f"{name}: pass data_path, the folder holding the dataset")
-    root = str(data_path)
-    try:
-        if name == "cifar10":
-            ds = datasets.CIFAR10(root, train=split == "train", download=False)
-        elif name == "cifar100":
-            ds = datasets.CIFAR100(root, train=split == "train", download=False)
-        else:
-            ds = datasets.STL10(root, split=split, download=False)
-    except RuntimeError as exc:
-        raise DatasetNotFoundError(
-            f"{name} not found under {root} ({exc}). Download it once with "
-            f"torchvision.datasets.{_TORCHVISION_CLASS[name]}(root, download=True) "
-            "on a machine with internet, then pass that folder as data_path."
-        ) from exc
-    return TorchvisionSource(ds, ds.classes)
-
-
-class SubsetSource(Dataset):
-    """A fixed random subset of a source (same subset for the same seed), keeping ``classes``."""
-
-    def __init__(self, dataset: Dataset, max_samples: int, seed: int = 0) -> None:
-        import torch
-
-        size = len(dataset)  # type: ignore[arg-type]
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
-        self.dataset = dataset
-        self.indices = sorted(order[: min(max_samples, size)])
-        self.classes = list(getattr(dataset, "classes", []))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return self.dataset[self.indices[index]]
+__all__ = [
+    "DATASET_NAMES",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_FILES",
+    "FASHION_MNIST_SYSTEM_DIR",
+    "IMAGE_EXTENSIONS",
+    "ArrayImageDataset",
+    "DatasetNotFoundError",
+    "ImageFolderSource",
+    "SubsetSource",
+    "TorchvisionSource",
+    "build_source",
+    "default_cache_dir",
+    "find_fashion_mnist",
+    "load_fashion_mnist",
+]
 
 
 def build_source(
@@ -235,29 +62,6 @@ def build_source(
     iterable :class:`~hjepa_core.data.shards.ShardSource` (each sample once across ranks and
     workers; any split the manifest has).
     """
-    from hjepa_core.data import shards  # here: shards imports this module
-
-    if shards.shard_spec_from(dataset_name, data_path) is not None:
-        return shards.shard_source(dataset_name, data_path, split, max_samples)
-    source = _build_full_source(dataset_name, data_path, split)
-    if max_samples is not None and max_samples < len(source):  # type: ignore[arg-type]
-        return SubsetSource(source, max_samples)
-    return source
-
-
-def _build_full_source(dataset_name: str, data_path: str | Path | None, split: str) -> Dataset:
-    name, _, inline_path = dataset_name.partition(":")
-    name = name.lower().replace("-", "_")
-    data_path = inline_path or data_path
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if name == "fashion_mnist":
-        return load_fashion_mnist(data_path, split)
-    if name in ("cifar10", "cifar100", "stl10"):
-        return _torchvision_source(name, data_path, split)
-    if name == "imagefolder":
-        if not data_path:
-            raise DatasetNotFoundError("imagefolder: pass data_path (or imagefolder:PATH)")
-        root = Path(data_path)
-        return ImageFolderSource(root / split if (root / split).is_dir() else root)
-    raise ValueError(f"unknown dataset {dataset_name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    if shard_spec_from(dataset_name, data_path) is not None:
+        return shard_source(dataset_name, data_path, split, max_samples)
+    return build_raw_source(dataset_name, data_path, split, max_samples)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hjepa_core.data import sources
+from hjepa_core.data import raw_sources as sources
 from hjepa_core.data.images import BadImageError
 from hjepa_core.data.sources import (
     DATASET_NAMES,

@@ -1,7 +1,7 @@
 """Streaming WebDataset shards back: :class:`ShardMultiCropDataset` and :class:`ShardSource`.
 
 :class:`ShardMultiCropDataset` (pretraining) yields
-:class:`~hjepa_core.data.multicrop_dataset.MultiCropSample` objects, so
+:class:`~hjepa_core.data.samples.MultiCropSample` objects, so
 :class:`~hjepa_core.data.multicrop_dataset.MultiCropCollator` and
 :func:`~hjepa_core.data.multicrop_dataset.build_multicrop_dataloader` work unchanged;
 :class:`ShardSource` (evaluation) yields ``(PIL image, label)``. Shards are given as any spec
@@ -33,22 +33,13 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 
 from hjepa_core.data.images import BadImageError, load_image
-from hjepa_core.data.multicrop_dataset import MultiCropSample, sample_seed
 from hjepa_core.data.multicrop_transforms import MultiCropTransform, build_multicrop_transform
+from hjepa_core.data.samples import MultiCropSample, sample_seed
 from hjepa_core.data.shards.manifest import ShardIntegrityError, ShardList, resolve_shards
 from hjepa_core.data.shards.spec import open_url, shard_spec_from
+from hjepa_core.utils import SEED_MODULUS, mix_seeds
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "ppm", "pgm", "bmp", "tif", "tiff", "gif")
-
-_SEED_MODULUS = 2**63 - 1
-
-
-def _mix(*values: int) -> int:
-    """A deterministic 63-bit seed from integers."""
-    mixed = 0
-    for v in values:
-        mixed = (mixed * 1_000_003 + int(v) + 0x9E3779B9) % _SEED_MODULUS
-    return mixed
 
 
 def _take_every(items: Iterable, start: int, step: int) -> Iterator:
@@ -186,8 +177,8 @@ class _ShardStream(IterableDataset):
 
     def _stream_seed(self, rank: int, worker: int) -> int:
         if int(self._state[1]):
-            return _mix(self.seed, self.epoch, rank, worker)
-        return int.from_bytes(os.urandom(8), "little") % _SEED_MODULUS
+            return mix_seeds(self.seed, self.epoch, rank, worker, salt=0x9E3779B9)
+        return int.from_bytes(os.urandom(8), "little") % SEED_MODULUS
 
     def __len__(self) -> int:
         """Samples this rank yields per epoch (summed over its workers)."""

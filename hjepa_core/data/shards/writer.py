@@ -49,9 +49,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from hjepa_core.data.images import MAX_IMAGE_PIXELS, BadImageError, to_rgb
+from hjepa_core.data.raw_sources import build_raw_source
 from hjepa_core.data.shards.manifest import MANIFEST_FORMAT, MANIFEST_VERSION
 from hjepa_core.data.shards.spec import MANIFEST_NAME
-from hjepa_core.data.sources import build_source
 
 DEFAULT_SAMPLES_PER_SHARD = 5000
 DEFAULT_MAX_SHARD_BYTES = 1 << 30
@@ -390,14 +390,14 @@ def write_shards(
     """Writes one split of an image source as WebDataset shards and updates the manifest.
 
     Args:
-        source: a source spec for :func:`~hjepa_core.data.sources.build_source`
+        source: a raw source spec for :func:`~hjepa_core.data.raw_sources.build_raw_source`
             (``fashion_mnist``, ``imagefolder:PATH``, ``cifar10:PATH``, ...) or a dataset of
             ``(PIL image, label)`` (a ``samples`` list of ``(path, label)`` makes it file-backed:
             raw bytes are read and checked here, so bad files are skipped, not fatal).
         out_dir: the shard directory (created); other splits' shards and entries are kept.
         split: split name; also the shard file prefix.
-        data_path: passed to ``build_source`` with a spec.
-        max_samples: with a spec, write ``build_source``'s fixed random subset of this size.
+        data_path: passed to ``build_raw_source`` with a spec.
+        max_samples: with a spec, write ``build_raw_source``'s fixed random subset of this size.
         samples_per_shard: samples per shard at most.
         max_shard_bytes: bytes per shard file at most (a single larger sample gets its own shard).
             With neither limit given, 5000 samples and 1 GiB apply.
@@ -434,7 +434,7 @@ def write_shards(
     workers = workers or os.cpu_count() or 1
     if isinstance(source, str):
         name = source_name or source
-        dataset = build_source(source, data_path, split, max_samples)
+        dataset = build_raw_source(source, data_path, split, max_samples)
     else:
         name = source_name or type(source).__name__
         dataset = source
