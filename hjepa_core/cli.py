@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hjepa_core.constants import DEFAULT_SAMPLES_PER_SHARD, FETCHABLE_DATASETS, SHARD_IMAGE_FORMATS
+
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="pretrain H-JEPA (multi-crop) from a YAML config")
@@ -157,8 +159,6 @@ def _positive_int(text: str) -> int:
 
 
 def _add_shard(sub: argparse._SubParsersAction) -> None:
-    from hjepa_core.data.shards.writer import DEFAULT_SAMPLES_PER_SHARD, IMAGE_FORMATS
-
     parser = sub.add_parser("shard", help="write a dataset as verified WebDataset shards with a manifest")
     parser.add_argument("--source", required=True,
                         help="fashion_mnist | imagefolder:PATH | cifar10:PATH | cifar100:PATH | stl10:PATH")
@@ -172,7 +172,7 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
                        help=f"samples per shard (default {DEFAULT_SAMPLES_PER_SHARD}, capped at 1 GiB)")
     limit.add_argument("--max-shard-bytes", type=parse_byte_size, default=None,
                        help="bytes per shard file at most, e.g. 256MB")
-    parser.add_argument("--image-format", choices=sorted(IMAGE_FORMATS), default="png",
+    parser.add_argument("--image-format", choices=sorted(SHARD_IMAGE_FORMATS), default="png",
                         help="png (lossless, default) or jpeg; matching files are stored as-is")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality 1-100 (default 95)")
     parser.add_argument("--workers", type=int, default=1,
@@ -215,12 +215,10 @@ def _run_shard(args: argparse.Namespace) -> int:
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    from hjepa_core.data.fetch import FETCHABLE
-
     parser = sub.add_parser("data", help="raw dataset files: `hjepa data fetch NAME DEST`")
     data_sub = parser.add_subparsers(dest="data_command", required=True)
     fetch = data_sub.add_parser("fetch", help="copy (or download) a dataset's raw files into a folder, hash-checked")
-    fetch.add_argument("name", choices=FETCHABLE, help="dataset name")
+    fetch.add_argument("name", choices=FETCHABLE_DATASETS, help="dataset name")
     fetch.add_argument("dest", help="destination folder, e.g. data/")
     fetch.add_argument("--no-download", action="store_true", help="fail rather than download when not installed")
     fetch.set_defaults(func=_run_data_fetch)
@@ -259,13 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hjepa`` console script."""
+    """Entry point of the ``hjepa`` console script.
+
+    Building the parser imports neither torch nor mlflow: each sub-command imports its library
+    code when it runs, so ``hjepa --help`` answers at once.
+    """
+    args = build_parser().parse_args(argv)
     from hjepa_core.config import ConfigError
     from hjepa_core.data.images import BadImageError
     from hjepa_core.data.sources import DatasetNotFoundError
     from hjepa_core.tracking import TrackingUnavailableError
 
-    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DatasetNotFoundError, TrackingUnavailableError, BadImageError, FileNotFoundError) as exc:

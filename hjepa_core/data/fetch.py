@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from hjepa_core.constants import FETCHABLE_DATASETS
 from hjepa_core.data.raw_sources import (
     FASHION_MNIST_FILES,
     DatasetNotFoundError,
@@ -27,7 +28,6 @@ FASHION_MNIST_SHA256 = {
     "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
     "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
-FETCHABLE = ("fashion_mnist",)
 
 
 class FetchError(RuntimeError):
@@ -98,6 +98,6 @@ def fetch_fashion_mnist(dest: str | Path, download: bool = True) -> list[Path]:
 def fetch_dataset(name: str, dest: str | Path, download: bool = True) -> list[Path]:
     """Fetches the named dataset's raw files into ``dest`` (only ``fashion_mnist`` so far)."""
     if name != "fashion_mnist":
-        raise ValueError(f"cannot fetch {name!r}; fetchable: {', '.join(FETCHABLE)} "
+        raise ValueError(f"cannot fetch {name!r}; fetchable: {', '.join(FETCHABLE_DATASETS)} "
                          "(for other data, put the files in the folder and `dvc add` it)")
     return fetch_fashion_mnist(dest, download)

@@ -48,14 +48,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from hjepa_core.constants import DEFAULT_SAMPLES_PER_SHARD, SHARD_IMAGE_FORMATS
 from hjepa_core.data.images import MAX_IMAGE_PIXELS, BadImageError, to_rgb
 from hjepa_core.data.raw_sources import build_raw_source
 from hjepa_core.data.shards.manifest import MANIFEST_FORMAT, MANIFEST_VERSION
 from hjepa_core.data.shards.spec import MANIFEST_NAME
 
-DEFAULT_SAMPLES_PER_SHARD = 5000
 DEFAULT_MAX_SHARD_BYTES = 1 << 30
-IMAGE_FORMATS = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg")}
+IMAGE_FORMATS = SHARD_IMAGE_FORMATS
 SKIP_REASONS = ("empty", "not_an_image", "corrupt", "too_large", "unreadable")
 
 _TAR_BLOCK = 512

@@ -1,0 +1,11 @@
+"""Constants shared across layers, importable without torch (the CLI parser reads them)."""
+
+from __future__ import annotations
+
+# WebDataset shards (``hjepa shard``): samples per shard when no limit is given, and the
+# storage formats (name -> (PIL format, file extension)).
+DEFAULT_SAMPLES_PER_SHARD = 5000
+SHARD_IMAGE_FORMATS = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg")}
+
+# Datasets ``hjepa data fetch`` can put in a folder.
+FETCHABLE_DATASETS = ("fashion_mnist",)
