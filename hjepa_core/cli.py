@@ -6,6 +6,7 @@ import argparse
 import re
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from hjepa_core.constants import DEFAULT_SAMPLES_PER_SHARD, FETCHABLE_DATASETS, SHARD_IMAGE_FORMATS
@@ -238,10 +239,21 @@ def _run_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_pipeline(sub: argparse._SubParsersAction) -> None:
-    from hjepa_core.pipeline import add_pipeline_arguments
+PLUGIN_GROUP = "hjepa.commands"
 
-    add_pipeline_arguments(sub.add_parser("pipeline", help="Kubeflow pipeline: `compile` to YAML, or `run-local`"))
+
+def _add_plugins(sub: argparse._SubParsersAction) -> None:
+    """Sub-commands other installed packages register under the ``hjepa.commands`` entry-point
+    group: each entry point is a function that adds its parser(s) to ``sub`` (``hjepa pipeline``
+    comes from ``hjepa_kfp`` this way, so this library never imports the KFP front door)."""
+    for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        try:
+            register = entry.load()
+        except Exception as exc:  # a broken plugin must not take the other commands down
+            print(f"hjepa: warning: cannot load the {entry.name!r} command ({entry.value}): "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        register(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_compare(sub)
     _add_data(sub)
-    _add_pipeline(sub)
+    _add_plugins(sub)
     return parser
 
 

@@ -1,10 +1,11 @@
 """The pipeline stages (shard, pretrain, evaluate) as plain functions.
 
-The Kubeflow components in ``components/`` are thin wrappers over these, so the CLI, DVC and
-KFP share one implementation. Each stage logs one MLflow child run under one parent run per
-pipeline run; the parent is found (or created) by the ``kfp.run_id`` tag, so stages running in
-separate pods agree on it without passing ids around. Secrets never pass through here: MLflow
-reads its credentials (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, ``AWS_*``) from the environment.
+The Kubeflow components (:mod:`hjepa_kfp.components`, a separate package this library never
+imports) are thin wrappers over these, so the CLI, DVC and KFP share one implementation. Each
+stage logs one MLflow child run under one parent run per pipeline run; the parent is found (or
+created) by the ``kfp.run_id`` tag, so stages running in separate pods agree on it without
+passing ids around. Secrets never pass through here: MLflow reads its credentials
+(``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, ``AWS_*``) from the environment.
 """
 
 from __future__ import annotations
@@ -251,82 +252,3 @@ def evaluate_stage(
         client.log_metric(parent, "probe_top1", float(report["metrics"]["probe_top1"]))
     _end_parent(tracking, parent, "FINISHED")
     return report
-
-
-def pipelines_module() -> Any:
-    """The repo-level ``pipelines.hjepa_pipeline`` module (needs kfp and a source checkout)."""
-    import importlib
-
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "pipelines" / "hjepa_pipeline.py").is_file():
-        root = Path.cwd()
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        return importlib.import_module("pipelines.hjepa_pipeline")
-    except ModuleNotFoundError as exc:
-        raise FileNotFoundError(f"cannot import the pipeline ({exc}); run from the hjepa source checkout "
-                                "with the pipeline extra installed (pip install -e '.[pipeline]')") from exc
-
-
-def add_pipeline_arguments(parser: Any) -> None:
-    """``hjepa pipeline compile|run-local`` options."""
-    sub = parser.add_subparsers(dest="pipeline_command", required=True)
-    comp = sub.add_parser("compile", help="compile the KFP pipeline to YAML")
-    comp.add_argument("--output", help="YAML path (default: pipelines/hjepa_pipeline.yaml)")
-    comp.add_argument("--image", help="container image of every component (default: the released one)")
-    comp.set_defaults(func=run_compile)
-    loc = sub.add_parser("run-local", help="run the pipeline here with KFP's SubprocessRunner (CPU)")
-    loc.add_argument("--root", default="outputs/pipeline", help="local pipeline root (artifacts)")
-    loc.add_argument("--source", default="fashion_mnist", help="dataset spec, as for `hjepa shard`")
-    loc.add_argument("--data-path", default="", help="dataset folder when not in --source")
-    loc.add_argument("--config", default="configs/fashion_mnist.yaml", help="YAML config")
-    loc.add_argument("--max-samples", type=int, default=4096, help="training images to shard (0: all)")
-    loc.add_argument("--max-test-samples", type=int, default=2000, help="test images to shard (0: all)")
-    loc.add_argument("--epochs", type=int, default=0, help="= training.epochs (0: the config's)")
-    loc.add_argument("--strategy", default="", help="= masking.strategy (empty: the config's)")
-    loc.add_argument("--checkpoint-root", default="", help="checkpoint folder (default: next to the model)")
-    loc.add_argument("--mlflow-uri", default="", help="MLflow URI (default: MLFLOW_TRACKING_URI; none: off)")
-    loc.add_argument("--experiment", default="hjepa-pipeline", help="MLflow experiment")
-    loc.add_argument("--eval-max-train-samples", type=int, default=0, help="probe training images (0: all)")
-    loc.add_argument("--eval-max-test-samples", type=int, default=0, help="probe test images (0: all)")
-    loc.add_argument("--probe-epochs", type=int, default=30, help="linear-probe epochs")
-    loc.add_argument("--no-baselines", action="store_true", help="skip the random-init and pixel baselines")
-    loc.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    loc.set_defaults(func=run_local_command)
-
-
-def run_compile(args: Any) -> int:
-    """``hjepa pipeline compile``."""
-    module = pipelines_module()
-    path = module.compile_pipeline(args.output or module.COMPILED, args.image or module.DEFAULT_IMAGE)
-    print(f"wrote {path}")
-    return 0
-
-
-def run_local_command(args: Any) -> int:
-    """``hjepa pipeline run-local``: prints the probe accuracy and where the outputs are."""
-    module = pipelines_module()
-    uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    arguments = {
-        "source": args.source, "data_path": args.data_path, "max_samples": args.max_samples,
-        "max_test_samples": args.max_test_samples, "config": str(Path(args.config).resolve()) if args.config else "",
-        "config_overrides": list(args.overrides), "epochs": args.epochs, "strategy": args.strategy, "gpus": 0,
-        "checkpoint_root": str(Path(args.checkpoint_root).resolve()) if args.checkpoint_root else "",
-        "mlflow_uri": uri, "experiment": args.experiment, "eval_max_train_samples": args.eval_max_train_samples,
-        "eval_max_test_samples": args.eval_max_test_samples, "probe_epochs": args.probe_epochs,
-        "baselines": not args.no_baselines,
-    }
-    try:
-        run = module.run_local(args.root, arguments)
-    except RuntimeError as exc:
-        print(f"hjepa pipeline run-local: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"linear-probe top-1 accuracy: {100 * run.probe_top1:.2f}%")
-    print(f"outputs: {run.run_dir}")
-    for name, path in sorted(run.artifacts.items()):
-        print(f"  {name}: {path}")
-    if uri:
-        where = f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}  (or make mlflow-ui)"
-        print(f"MLflow (experiment {args.experiment!r}): {where}")
-    return 0

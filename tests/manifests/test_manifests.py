@@ -63,7 +63,7 @@ def test_inventory_and_wiring(rendered: Path) -> None:
     mlflow = resources["Deployment/mlflow"]["spec"]["template"]["spec"]
     assert {v["persistentVolumeClaim"]["claimName"] for v in mlflow["volumes"] if "persistentVolumeClaim" in v} == \
         {"mlflow-store"}
-    from components.hjepa_components import DEFAULT_IMAGE
+    from hjepa_kfp.components import DEFAULT_IMAGE
 
     images = {c["image"] for spec in _pod_specs(resources) for c in spec["containers"]}
     assert images == {DEFAULT_IMAGE}, "one image for the components, MLflow and the PyTorchJob"

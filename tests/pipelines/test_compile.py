@@ -14,7 +14,7 @@ from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 from hjepa_core.pipeline import pipeline_overrides, train_command
-from pipelines.hjepa_pipeline import COMPILED, MLFLOW_SECRET_KEYS, compile_pipeline
+from hjepa_kfp.pipeline import COMPILED, MLFLOW_SECRET_KEYS, compile_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def _specs(path: Path) -> tuple[pipeline_spec_pb2.PipelineSpec, dict[str, k8s_pb
 def test_committed_yaml_is_up_to_date(compiled: Path) -> None:
     assert COMPILED.is_file(), "pipelines/hjepa_pipeline.yaml is missing: run `hjepa pipeline compile`"
     assert list(yaml.safe_load_all(COMPILED.read_text())) == list(yaml.safe_load_all(compiled.read_text())), (
-        "pipelines/hjepa_pipeline.yaml is out of date with pipelines/ and components/: run `hjepa pipeline compile`"
+        "pipelines/hjepa_pipeline.yaml is out of date with hjepa_kfp/: run `hjepa pipeline compile`"
     )
 
 

@@ -12,7 +12,7 @@ from tests.tiny import TINY_OVERRIDES
 pytest.importorskip("kfp")
 pytest.importorskip("mlflow")
 
-from pipelines.hjepa_pipeline import run_local
+from hjepa_kfp.pipeline import run_local
 
 EXPERIMENT = "hjepa-pipeline-test"
 MODEL_NAME = "hjepa-encoder-pipeline-test"

@@ -5,7 +5,6 @@ already holds kfp, so ``install_kfp_package=False``. A function body runs in the
 its own: it imports everything it uses. :func:`build` binds them to an image.
 """
 
-
 from dataclasses import dataclass
 from typing import Any
 

@@ -6,21 +6,23 @@ date by a test); ``hjepa pipeline run-local`` runs the same components with KFP'
 secrets) come from ``kfp-kubernetes`` and apply on a cluster only.
 """
 
-
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `components` is a repo-level module
-    sys.path.insert(0, str(REPO_ROOT))
+from hjepa_kfp.components import DEFAULT_IMAGE, build
 
-from components.hjepa_components import DEFAULT_IMAGE, build  # noqa: E402
 
+def _source_root() -> Path:
+    """The source checkout this package is installed from (editable), else the working directory."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else Path.cwd()
+
+
+REPO_ROOT = _source_root()
 PIPELINE_NAME = "hjepa-pretraining"
 COMPILED = REPO_ROOT / "pipelines" / "hjepa_pipeline.yaml"
 DATA_MOUNT = "/mnt/hjepa"

@@ -1,1 +1,0 @@
-"""Kubeflow components of the H-JEPA pipeline (a repo-level module, not installed)."""
