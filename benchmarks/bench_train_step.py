@@ -33,7 +33,6 @@ optimizer, EMA) are timed too.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -43,8 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from quality.lightly_ijepa import LightlyIJEPA  # benchmarks/quality/, shared with the quality benchmark
 
 from hjepa_core.config import load_config
 from hjepa_core.data.multicrop_dataset import MultiCropBatch
@@ -109,53 +107,6 @@ def build_ours(s: dict):
     optimizer = build_optimizer(model, LR)
     set_schedule(optimizer, LR, WEIGHT_DECAY)
     return config, model, optimizer
-
-
-class LightlyIJEPA(nn.Module):
-    """lightly's I-JEPA modules wired as in lightly's I-JEPA example."""
-
-    def __init__(self, s: dict) -> None:
-        from lightly.models.modules.ijepa import IJEPABackbone, IJEPAPredictor
-        from torchvision.models.vision_transformer import Encoder
-
-        e, p = s["encoder"], s["predictor"]
-        num_patches = (s["image_size"] // s["patch_size"]) ** 2
-        super().__init__()
-        self.encoder = IJEPABackbone(
-            image_size=s["image_size"], patch_size=s["patch_size"], num_layers=e["depth"],
-            num_heads=e["num_heads"], hidden_dim=e["embed_dim"],
-            mlp_dim=int(e["embed_dim"] * e["mlp_ratio"]),
-        )
-        self.target_encoder = copy.deepcopy(self.encoder)
-        self.target_encoder.requires_grad_(False)
-        # IJEPAPredictor's ``mlp_dim`` is both its input/output width (encoder width) and its
-        # blocks' MLP width, so build the block stack separately (as ``from_vit_encoder``
-        # does) to give the predictor blocks mlp_ratio 4 like ours.
-        stack = Encoder(
-            seq_length=num_patches, num_layers=p["depth"], num_heads=p["num_heads"],
-            hidden_dim=p["embed_dim"], mlp_dim=int(p["embed_dim"] * p["mlp_ratio"]),
-            dropout=0.0, attention_dropout=0.0,
-        )
-        self.predictor = IJEPAPredictor(
-            seq_length=num_patches, num_layers=1, num_heads=1, hidden_dim=p["embed_dim"],
-            predictor_embed_dim=p["embed_dim"], num_patches=num_patches,
-            mlp_dim=e["embed_dim"], dropout=0.0, attention_dropout=0.0,
-        )
-        self.predictor.layers = stack.layers
-        self.predictor.ln = stack.ln
-        self.criterion = nn.SmoothL1Loss()
-
-    def forward(self, images: Tensor, masks_enc: list[Tensor], masks_pred: list[Tensor]) -> Tensor:
-        from lightly.models import utils
-
-        with torch.no_grad():
-            h = self.target_encoder(images)
-            h = F.layer_norm(h, (h.size(-1),))
-            h = utils.apply_masks(h, [m + 1 for m in masks_pred])  # +1: skip the class token
-            h = utils.repeat_interleave_batch(h, len(images), repeat=len(masks_enc))
-        z = self.encoder(images, [m + 1 for m in masks_enc])
-        z = self.predictor(z, masks_enc, masks_pred)
-        return self.criterion(z, h)
 
 
 def median(values: list[float]) -> float:
