@@ -11,13 +11,20 @@ passing ids around. Secrets never pass through here: MLflow reads its credential
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from hjepa_core.tracking import (
+    ExperimentNotFoundError,
+    MlflowTracker,
+    NullTracker,
+    resolve_tracking_uri,
+    search_runs,
+)
 
 KFP_RUN_TAG = "kfp.run_id"
 STAGE_TAG = "hjepa.stage"
@@ -36,7 +43,7 @@ class StageTracking:
 
     @property
     def resolved_uri(self) -> str | None:
-        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+        return resolve_tracking_uri(self.uri)
 
     @property
     def enabled(self) -> bool:
@@ -47,8 +54,6 @@ def parent_run(tracking: StageTracking) -> str | None:
     """The MLflow parent run of this pipeline run (by its ``kfp.run_id`` tag), created if missing."""
     if not tracking.enabled:
         return None
-    from hjepa_core.tracking import ExperimentNotFoundError, MlflowTracker, search_runs
-
     query = f"tags.`{KFP_RUN_TAG}` = '{tracking.kfp_run_id}' and tags.`{STAGE_TAG}` = '{PIPELINE_STAGE}'"
     try:
         runs = search_runs(tracking.experiment, tracking.resolved_uri, filter_string=query)
@@ -63,8 +68,6 @@ def parent_run(tracking: StageTracking) -> str | None:
 
 
 def _stage_tracker(tracking: StageTracking, stage: str, parent: str | None) -> Any:
-    from hjepa_core.tracking import MlflowTracker, NullTracker
-
     if parent is None:
         return NullTracker()
     return MlflowTracker(tracking.experiment, run_name=f"{stage}-{tracking.kfp_run_id}",
@@ -75,10 +78,7 @@ def _stage_tracker(tracking: StageTracking, stage: str, parent: str | None) -> A
 def _end_parent(tracking: StageTracking, parent: str | None, status: str) -> None:
     if parent is None:
         return
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking.resolved_uri)
-    mlflow.MlflowClient().set_terminated(parent, status=status)
+    MlflowTracker.for_run(parent, tracking.resolved_uri).finish(status)
 
 
 def _write_stage(folder: Path, info: dict[str, Any]) -> None:
@@ -206,8 +206,6 @@ def pretrain_stage(
 
 
 def _find_stage_run(tracking: StageTracking, stage: str) -> str | None:
-    from hjepa_core.tracking import search_runs
-
     query = f"tags.`{KFP_RUN_TAG}` = '{tracking.kfp_run_id}' and tags.`{STAGE_TAG}` = '{stage}'"
     runs = search_runs(tracking.experiment, tracking.resolved_uri, filter_string=query)
     return runs[0].run_id if runs else None
@@ -239,16 +237,13 @@ def evaluate_stage(
     except BaseException:
         _end_parent(tracking, parent, "FAILED")
         raise
-    if report.get("mlflow_run_id"):
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking.resolved_uri)
-        client = mlflow.MlflowClient()
-        client.set_tag(report["mlflow_run_id"], KFP_RUN_TAG, tracking.kfp_run_id)
-        client.set_tag(report["mlflow_run_id"], "mlflow.runName", f"evaluate-{tracking.kfp_run_id}")
+    if report.get("mlflow_run_id") and parent is not None:  # evaluate tracks only under a parent
+        tags = {KFP_RUN_TAG: tracking.kfp_run_id, "mlflow.runName": f"evaluate-{tracking.kfp_run_id}"}
         pretrain_run = read_stage(model_dir).get("mlflow_run_id")
         if pretrain_run:
-            client.set_tag(report["mlflow_run_id"], "hjepa.pretrain_run_id", pretrain_run)
-        client.log_metric(parent, "probe_top1", float(report["metrics"]["probe_top1"]))
+            tags["hjepa.pretrain_run_id"] = pretrain_run
+        MlflowTracker.for_run(report["mlflow_run_id"], tracking.resolved_uri).set_tags(tags)
+        MlflowTracker.for_run(parent, tracking.resolved_uri).log_metrics(
+            {"probe_top1": float(report["metrics"]["probe_top1"])})
     _end_parent(tracking, parent, "FINISHED")
     return report

@@ -13,9 +13,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -48,6 +49,8 @@ class NullTracker:
 
 
 def resolve_tracking_uri(uri: str | None) -> str | None:
+    """``uri``, else ``MLFLOW_TRACKING_URI``, else None (MLflow's own default; for the pipeline
+    stages: no tracking)."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
@@ -107,6 +110,16 @@ class MlflowTracker(NullTracker):
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self._client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
         self.run_id = run.info.run_id
+
+    @classmethod
+    def for_run(cls, run_id: str, tracking_uri: str | None = None) -> MlflowTracker:
+        """A tracker of an existing run (to tag it, log to it or end it), creating nothing."""
+        tracker = cls.__new__(cls)
+        tracker._mlflow = mlflow = _use_tracking_uri(tracking_uri)
+        tracker._client = mlflow.MlflowClient()
+        tracker.run_id = run_id
+        tracker.experiment_id = tracker._client.get_run(run_id).info.experiment_id
+        return tracker
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

@@ -8,7 +8,6 @@ neither kfp nor torch; each sub-command imports :mod:`hjepa_kfp.pipeline` when i
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,8 +62,10 @@ def run_compile(args: argparse.Namespace) -> int:
 
 def run_local_command(args: argparse.Namespace) -> int:
     """``hjepa pipeline run-local``: prints the probe accuracy and where the outputs are."""
+    from hjepa_core.tracking import resolve_tracking_uri
+
     module = _pipeline_module()
-    uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    uri = resolve_tracking_uri(args.mlflow_uri) or ""
     arguments = {
         "source": args.source, "data_path": args.data_path, "max_samples": args.max_samples,
         "max_test_samples": args.max_test_samples, "config": str(Path(args.config).resolve()) if args.config else "",
