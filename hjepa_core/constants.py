@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# Per-channel mean / std of ImageNet: the crops' normalisation (photometric) and its inverse
+# for display (mask pictures).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 # WebDataset shards (``hjepa shard``): samples per shard when no limit is given, and the
 # storage formats (name -> (PIL format, file extension)).
 DEFAULT_SAMPLES_PER_SHARD = 5000

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from hjepa_core.constants import IMAGENET_MEAN, IMAGENET_STD
+
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 # RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane, so the whole hue jitter is
 # one 3x3 matrix per sample instead of an RGB -> HSV -> RGB round trip.

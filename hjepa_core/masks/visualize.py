@@ -11,27 +11,40 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hjepa_core.data.photometric import IMAGENET_MEAN, IMAGENET_STD
+from hjepa_core.constants import IMAGENET_MEAN, IMAGENET_STD
 from hjepa_core.masks.hierarchical import HierarchicalMasks
+from hjepa_core.masks.multicrop_masking import MultiCropMasks
 
-if TYPE_CHECKING:  # multicrop_dataset imports the masks package: no runtime import back
+if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from hjepa_core.data.multicrop_dataset import MultiCropBatch
 
 LEVEL_COLORS = ("#e6194b", "#f58231", "#ffe119", "#911eb4", "#42d4f4", "#f032e6")
 ROLE_COLORS = {"unmasked": "#9e9e9e", "context": "#3cb44b", "target": "#e6194b"}
 DIM = 0.4  # brightness kept by patches outside the context
 TINT = 0.25  # opacity of a target block's fill
 GAP = 6  # pixels between panels
+
+
+class MaskedBatch(Protocol):
+    """What a picture needs of a batch (:class:`~hjepa_core.data.multicrop_dataset.MultiCropBatch`
+    has it; masks sit below data, so they name the shape, not the class)."""
+
+    crops: Sequence[Tensor]
+    masks: MultiCropMasks | None
+    num_global_crops: int
+    normalized: bool
+
+    @property
+    def batch_size(self) -> int: ...
 
 
 def _rgb(color: str) -> np.ndarray:
@@ -135,7 +148,7 @@ def _save_atomically(fig: Figure, path: Path, dpi: int) -> None:
 
 
 def render_multicrop_masks(
-    batch: MultiCropBatch,
+    batch: MaskedBatch,
     path: str | os.PathLike,
     max_images: int = 4,
     mean: tuple[float, float, float] = IMAGENET_MEAN,
