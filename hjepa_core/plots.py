@@ -1,4 +1,4 @@
-"""PNG plots of training curves (matplotlib, headless)."""
+"""PNG pictures (matplotlib, headless): the one way a figure is written, and training curves."""
 
 from __future__ import annotations
 
@@ -9,8 +9,20 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
-from hjepa_core.utils import atomic_write_bytes
+from hjepa_core.utils import AtomicFile
+
+
+def save_figure_png(fig: Figure, path: str | Path, dpi: float | None = None) -> Path:
+    """Writes ``fig`` as a PNG atomically (temp file + rename; a failure leaves the old file)
+    and closes it. ``dpi``: the figure's own when None."""
+    try:
+        with AtomicFile(path) as out:
+            fig.savefig(out.file, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def plot_curves(
@@ -22,8 +34,6 @@ def plot_curves(
     log_y: bool = False,
 ) -> Path:
     """One line per named curve of (x, y) points; written atomically as PNG."""
-    import io
-
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for name, points in curves.items():
         if points:
@@ -39,7 +49,4 @@ def plot_curves(
     if len(curves) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return save_figure_png(fig, path)

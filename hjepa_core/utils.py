@@ -1,42 +1,120 @@
-"""Small shared helpers: atomic file writes and seed mixing."""
+"""Small shared helpers: atomic file writes, file hashes, seed mixing, rank/world discovery."""
 
 from __future__ import annotations
 
+import hashlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import IO, Any
 
 import torch
 
 
-def _atomic_replace(path: str | Path, write: Any) -> Path:
-    """Writes through ``write(tmp_path)`` into a temp file beside ``path``, then renames it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def fsync_dir(folder: str | Path) -> None:
+    """Makes a rename in ``folder`` durable (best effort: some filesystems refuse it)."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Writes ``text`` so readers see the old file or the whole new one, never a part."""
-    return _atomic_replace(path, lambda tmp: Path(tmp).write_text(text))
+class AtomicFile:
+    """A file written under a hidden temporary name beside ``path`` (``.NAME.PID-RANDOM.tmp``).
+
+    :meth:`commit` flushes, fsyncs and renames it over ``path``; :meth:`abort` deletes it. As a
+    context manager it commits on success and aborts on an exception, so readers see the old
+    file or the whole new one, never a part, and a crash leaves at most a hidden temporary.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.temp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        self.file: IO[bytes] = open(self.temp, "xb")  # noqa: SIM115 -- closed by commit() or abort()
+
+    def write(self, data: bytes) -> int:
+        return self.file.write(data)
+
+    def commit(self) -> Path:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.temp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        self.temp.unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return _atomic_replace(path, lambda tmp: Path(tmp).write_bytes(data))
+    """Writes ``data`` so readers see the old file or the whole new one, never a part."""
+    with AtomicFile(path) as out:
+        out.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Writes ``text`` (UTF-8) so readers see the old file or the whole new one, never a part."""
+    return atomic_write_bytes(path, text.encode())
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` through a temp file and rename (a crash never leaves half a checkpoint)."""
-    return _atomic_replace(path, lambda tmp: torch.save(obj, tmp))
+    with AtomicFile(path) as out:
+        torch.save(obj, out.file)
+    return Path(path)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes (read in ``chunk``-byte blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``(rank, world size)`` of this process: the explicit values, else ``torch.distributed``
+    when initialised, else torchrun's ``RANK``/``WORLD_SIZE`` environment variables (else 0, 1).
+
+    Raises:
+        ValueError: a rank outside ``[0, world_size)``.
+    """
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank = int(os.environ.get("RANK", 0))
+            world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    return rank, world_size
 
 
 SEED_MODULUS = 2**63 - 1  # seeds stay non-negative 63-bit integers (torch.Generator takes them)

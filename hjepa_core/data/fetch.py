@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
-import shutil
 from pathlib import Path
 
 from hjepa_core.constants import FETCHABLE_DATASETS
 from hjepa_core.data.raw_sources import (
     FASHION_MNIST_FILES,
     DatasetNotFoundError,
-    default_cache_dir,
+    download_fashion_mnist,
     find_fashion_mnist,
 )
+from hjepa_core.utils import AtomicFile, sha256_file
 
 # sha256 of the decompressed files (computed from Debian's dataset-fashion-mnist 2020 package).
 FASHION_MNIST_SHA256 = {
@@ -34,34 +33,13 @@ class FetchError(RuntimeError):
     """A fetched file does not match its expected hash."""
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _source_folder(dest: Path, download: bool) -> Path:
     """A folder with Fashion-MNIST's files other than ``dest``: Debian's, the cache, or a download."""
     folder = find_fashion_mnist(None)
     if folder is not None and folder.resolve() != dest.resolve():
         return folder
     if download:
-        from torchvision.datasets import FashionMNIST
-
-        try:
-            for train in (True, False):
-                FashionMNIST(str(default_cache_dir()), train=train, download=True)
-        except Exception as exc:  # network errors come in many types
-            raise DatasetNotFoundError(
-                f"Fashion-MNIST: not installed and the download failed ({type(exc).__name__}: {exc}); "
-                "`apt-get install dataset-fashion-mnist` (or `make fashion-mnist`) installs it offline"
-            ) from exc
-        folder = find_fashion_mnist(None)
-        if folder is not None:
-            return folder
+        return download_fashion_mnist()
     raise DatasetNotFoundError("Fashion-MNIST not found; `apt-get install dataset-fashion-mnist` or allow the download")
 
 
@@ -79,18 +57,15 @@ def fetch_fashion_mnist(dest: str | Path, download: bool = True) -> list[Path]:
     written = []
     for name in names:
         target = dest / name
-        tmp = dest / f".{name}.tmp"
         gz = source / f"{name}.gz"
-        if gz.exists():
-            with gzip.open(gz, "rb") as src, open(tmp, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
-        else:
-            shutil.copyfile(source / name, tmp)
-        actual = sha256_file(tmp)
-        if actual != FASHION_MNIST_SHA256[name]:
-            tmp.unlink()
-            raise FetchError(f"{source / name}: sha256 {actual} != expected {FASHION_MNIST_SHA256[name]}")
-        os.replace(tmp, target)
+        digest = hashlib.sha256()
+        with AtomicFile(target) as out, (gzip.open(gz, "rb") if gz.exists() else open(source / name, "rb")) as src:
+            while block := src.read(1 << 20):
+                out.write(block)
+                digest.update(block)
+            if digest.hexdigest() != FASHION_MNIST_SHA256[name]:  # raising leaves the old file in place
+                raise FetchError(f"{source / name}: sha256 {digest.hexdigest()} != expected "
+                                 f"{FASHION_MNIST_SHA256[name]}")
         written.append(target)
     return written
 

@@ -30,7 +30,7 @@ from hjepa_core.data.samples import MultiCropSample, sample_seed
 from hjepa_core.data.shards import build_shard_multicrop_dataset, shard_spec_from
 from hjepa_core.data.sources import build_source
 from hjepa_core.masks.multicrop_masking import MultiCropMaskGenerator, MultiCropMasks
-from hjepa_core.utils import mix_seeds
+from hjepa_core.utils import mix_seeds, rank_world
 
 SampleKey = int | tuple[int, int]
 
@@ -313,12 +313,6 @@ class SeededBatchSampler(Sampler):
             yield [(i, sample_seed(self.seed, self.epoch, i)) for i in chunk]
 
 
-def _distributed_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def build_multicrop_dataloader(
     dataset: Dataset,
     batch_size: int = 32,
@@ -336,7 +330,7 @@ def build_multicrop_dataloader(
     """A DataLoader of :class:`MultiCropBatch` for a multi-crop dataset.
 
     Map-style datasets get a :class:`SeededBatchSampler` (per-rank split from
-    ``torch.distributed`` unless ``rank``/``world_size`` are given); streamed (iterable)
+    ``torch.distributed``, else torchrun's environment, unless ``rank``/``world_size`` are given); streamed (iterable)
     datasets batch themselves in order. ``loader.batch_sampler.set_epoch(e)`` reshuffles.
     """
     transform = getattr(dataset, "transform", None)
@@ -344,8 +338,7 @@ def build_multicrop_dataloader(
     if photometric is None:
         warnings.warn("dataset has no multi-crop transform: crops stay uint8", stacklevel=2)
     collator = MultiCropCollator(photometric, mask_generator, defer_photometric)
-    if rank is None or world_size is None:
-        rank, world_size = _distributed_rank_world()
+    rank, world_size = rank_world(rank, world_size)
     common = dict(
         num_workers=num_workers,
         collate_fn=collator,

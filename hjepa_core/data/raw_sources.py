@@ -94,23 +94,33 @@ def _idx_file(folder: Path, name: str) -> Path:
     return gz if gz.exists() else folder / name.removesuffix(".gz")
 
 
+def download_fashion_mnist() -> Path:
+    """Downloads Fashion-MNIST with torchvision into the cache dir; returns the folder of its files.
+
+    Raises:
+        DatasetNotFoundError: the download failed (the message says how to install it offline).
+    """
+    from torchvision.datasets import FashionMNIST
+
+    try:
+        for train in (True, False):
+            FashionMNIST(str(default_cache_dir()), train=train, download=True)
+    except Exception as exc:  # network errors come in many types
+        raise DatasetNotFoundError(
+            "Fashion-MNIST not found and the download failed "
+            f"({type(exc).__name__}: {exc}). Install Debian's package "
+            "(`apt-get install dataset-fashion-mnist`, or `make fashion-mnist`) or put the four "
+            "*-ubyte.gz files in a folder and pass it as data_path."
+        ) from exc
+    return default_cache_dir() / "FashionMNIST" / "raw"
+
+
 def load_fashion_mnist(data_path: str | Path | None, split: str, download: bool = True) -> ArrayImageDataset:
     """Fashion-MNIST (Xiao et al., 2017): Debian's ``dataset-fashion-mnist`` files, a given
     folder, or torchvision's download into the cache dir."""
     folder = find_fashion_mnist(data_path)
     if folder is None and download:
-        from torchvision.datasets import FashionMNIST
-
-        try:
-            FashionMNIST(str(default_cache_dir()), train=True, download=True)
-            FashionMNIST(str(default_cache_dir()), train=False, download=True)
-        except Exception as exc:  # network errors come in many types
-            raise DatasetNotFoundError(
-                "Fashion-MNIST not found and the download failed "
-                f"({type(exc).__name__}: {exc}). Install Debian's package "
-                "(`apt-get install dataset-fashion-mnist`) or put the four *-ubyte.gz files "
-                "in a folder and pass it as data_path."
-            ) from exc
+        download_fashion_mnist()
         folder = find_fashion_mnist(data_path)
     if folder is None:
         raise DatasetNotFoundError(

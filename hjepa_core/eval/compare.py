@@ -11,13 +11,12 @@ row's training metrics go to one PNG.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hjepa_core.tracking import RunRecord, metric_history, search_runs
-from hjepa_core.utils import atomic_write_bytes, atomic_write_text
+from hjepa_core.utils import atomic_write_text
 
 KEY_METRICS = ("probe_top1", "knn_top1", "random_init_probe_top1", "pixels_probe_top1", "final_loss",
                "knn_monitor/top1")
@@ -93,10 +92,9 @@ def _markdown(experiment: str, metric: str, rows: list[dict[str, Any]], params: 
 
 
 def _plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from hjepa_core.plots import save_figure_png
 
     panels = [k for k in curves if any(curves[k].values())]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), dpi=110, squeeze=False)
@@ -111,10 +109,7 @@ def _plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Pa
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return save_figure_png(fig, path)
 
 
 def compare_runs(

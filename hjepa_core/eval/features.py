@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from hjepa_core.config import Config, ConfigError, config_from_dict
 from hjepa_core.data.multicrop_transforms import MultiCropEvalTransform
 from hjepa_core.models.vit import VisionTransformer, build_encoder, resolve_encoder_size
-from hjepa_core.utils import atomic_torch_save
+from hjepa_core.utils import atomic_torch_save, sha256_file
 
 ENCODER_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "use_rope")
 
@@ -60,14 +60,6 @@ class LoadedEncoder:
     @property
     def levels(self) -> int:
         return self.config.masking.num_hierarchies
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _expected_arch(config: Config) -> dict[str, Any]:
@@ -136,7 +128,7 @@ def load_encoder(checkpoint: str | Path, config: Config | None = None) -> Loaded
     except RuntimeError as exc:
         raise EvalError(f"{path}: weights do not fit the architecture {arch} ({exc})") from exc
     encoder.requires_grad_(False).eval()
-    return LoadedEncoder(encoder, config if config is not None else stored, path, file_sha256(path),
+    return LoadedEncoder(encoder, config if config is not None else stored, path, sha256_file(path),
                          state.get("mlflow_run_id") or None)
 
 

@@ -35,7 +35,7 @@ from hjepa_core.eval.features import (
 from hjepa_core.eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
 from hjepa_core.eval.probe import ProbeSettings, linear_probe
 from hjepa_core.models.vit import VisionTransformer
-from hjepa_core.utils import atomic_write_bytes, atomic_write_text
+from hjepa_core.utils import atomic_write_text
 
 EVAL_FILE = "eval.json"
 EVAL_METRICS_FILE = "metrics.json"  # flat report["metrics"] (DVC metrics)
@@ -108,12 +108,9 @@ def _drop_repeated_channels(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor
 
 
 def _plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, title: str) -> Path:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from hjepa_core.plots import save_figure_png
 
     counts = torch.tensor(confusion, dtype=torch.float64)
     rates = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
@@ -133,10 +130,7 @@ def _plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, 
                         color="white" if rates[i, j] > 0.5 else "black")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return save_figure_png(fig, path)
 
 
 def flat_metrics(methods: dict[str, dict[str, Any]]) -> dict[str, float]:

@@ -4,13 +4,12 @@ Rows are images of the batch, columns are crops (global first). On a global crop
 outside the context are dimmed and each hierarchy level's target blocks are tinted and outlined
 in their own colour; a local crop is framed in the colour of its role (``unmasked``,
 ``context`` or ``target``). Panels are composited in numpy and shown as one image on a
-matplotlib Agg canvas (no pyplot state); the PNG is written atomically.
+matplotlib ``Figure`` that pyplot does not manage; the PNG is written atomically.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -23,9 +22,10 @@ from torch import Tensor
 from hjepa_core.constants import IMAGENET_MEAN, IMAGENET_STD
 from hjepa_core.masks.hierarchical import HierarchicalMasks
 from hjepa_core.masks.multicrop_masking import MultiCropMasks
+from hjepa_core.plots import save_figure_png
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+    pass
 
 LEVEL_COLORS = ("#e6194b", "#f58231", "#ffe119", "#911eb4", "#42d4f4", "#f032e6")
 ROLE_COLORS = {"unmasked": "#9e9e9e", "context": "#3cb44b", "target": "#e6194b"}
@@ -132,21 +132,6 @@ def _local_panel(image: np.ndarray, role: str, size: int) -> np.ndarray:
     return panel
 
 
-def _save_atomically(fig: Figure, path: Path, dpi: int) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            FigureCanvasAgg(fig)
-            fig.savefig(f, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def render_multicrop_masks(
     batch: MaskedBatch,
     path: str | os.PathLike,
@@ -222,5 +207,5 @@ def render_multicrop_masks(
     fig.legend(handles=legend, loc="lower center", ncol=min(len(legend), 4), fontsize=7,
                frameon=False)
     out = Path(path)
-    _save_atomically(fig, out, dpi)
+    save_figure_png(fig, out, dpi)
     return out

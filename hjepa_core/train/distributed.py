@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hjepa_core.utils import rank_world
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -26,10 +28,10 @@ class DistInfo:
 
 def init_distributed(device_type: str) -> DistInfo:
     """Joins the process group torchrun describes (nccl on CUDA, gloo on CPU); no-op alone."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world_size = rank_world()
     if world_size <= 1:
         return DistInfo()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)

@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from hjepa_core.data.shards.spec import (
     MANIFEST_NAME,
@@ -15,6 +16,7 @@ from hjepa_core.data.shards.spec import (
     open_url,
     parent_url,
 )
+from hjepa_core.utils import atomic_write_text
 
 MANIFEST_FORMAT = "hjepa-webdataset-shards"
 MANIFEST_VERSION = 1
@@ -154,3 +156,21 @@ def resolve_shards(
     if loaded is None and first is not None and (first.parent / MANIFEST_NAME).is_file():
         loaded = read_manifest(first.parent)
     return ShardList(urls, split, loaded)
+
+
+def load_manifest_or_new(out_dir: Path) -> dict:
+    """The manifest in ``out_dir`` (a writer adds to it), or a new empty one."""
+    path = out_dir / MANIFEST_NAME
+    if path.is_file():
+        try:
+            manifest = json.loads(path.read_text())
+            if manifest.get("format") == MANIFEST_FORMAT:
+                return manifest
+        except (OSError, ValueError):
+            pass
+    return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "classes": [], "splits": {}}
+
+
+def save_manifest(out_dir: Path, manifest: dict) -> None:
+    """Writes ``manifest.json`` atomically (fsynced temp file + rename)."""
+    atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")

@@ -37,26 +37,13 @@ from hjepa_core.data.multicrop_transforms import MultiCropTransform, build_multi
 from hjepa_core.data.samples import MultiCropSample, sample_seed
 from hjepa_core.data.shards.manifest import ShardIntegrityError, ShardList, resolve_shards
 from hjepa_core.data.shards.spec import open_url, shard_spec_from
-from hjepa_core.utils import SEED_MODULUS, mix_seeds
+from hjepa_core.utils import SEED_MODULUS, mix_seeds, rank_world
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "ppm", "pgm", "bmp", "tif", "tiff", "gif")
 
 
 def _take_every(items: Iterable, start: int, step: int) -> Iterator:
     return islice(items, start, None, step) if step > 1 else iter(items)
-
-
-def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Explicit values, else ``torch.distributed``, else the ``RANK``/``WORLD_SIZE`` env vars."""
-    if rank is None or world_size is None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        else:
-            rank = int(os.environ.get("RANK", 0))
-            world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    return rank, world_size
 
 
 def _worker() -> tuple[int, int]:
@@ -129,7 +116,7 @@ class _ShardStream(IterableDataset):
                     "resampled shards need an epoch length: the manifest does not give the sample "
                     "count, so pass epoch_samples (samples per rank per epoch)"
                 )
-            epoch_samples = total // _rank_world(rank, world_size)[1]
+            epoch_samples = total // rank_world(rank, world_size)[1]
         if epoch_samples is not None and epoch_samples < 1:
             raise ValueError(f"epoch_samples must be >= 1, got {epoch_samples}")
         self.epoch_samples = epoch_samples
@@ -184,7 +171,7 @@ class _ShardStream(IterableDataset):
         """Samples this rank yields per epoch (summed over its workers)."""
         if self.resampled:
             return int(self.epoch_samples)  # type: ignore[arg-type]
-        rank, world = _rank_world(self.rank, self.world_size)
+        rank, world = rank_world(self.rank, self.world_size)
         counts = self.shards.shard_counts()
         if counts is None:
             raise TypeError("no manifest with per-shard counts: the length is unknown")
@@ -236,7 +223,7 @@ class _ShardStream(IterableDataset):
         from webdataset.shardlists import ResampledShards, SimpleShardList
         from webdataset.tariterators import group_by_keys
 
-        rank, world = _rank_world(self.rank, self.world_size)
+        rank, world = rank_world(self.rank, self.world_size)
         worker, workers = _worker()
         if self.resampled:
             worker = worker if role is None else role
@@ -378,7 +365,7 @@ class ShardMultiCropDataset(_ShardStream):
         self.transform = transform or build_multicrop_transform(**kwargs)
 
     def __iter__(self) -> Iterator[MultiCropSample | None]:
-        rank, _ = _rank_world(self.rank, self.world_size)
+        rank, _ = rank_world(self.rank, self.world_size)
         role, skip = self._resume_role(*_worker())
         stream = self._stream_seed(rank, role)
         for position, item in enumerate(self._decoded(stream, role, skip), start=skip):
@@ -433,7 +420,7 @@ def build_shard_multicrop_dataset(
             raise ValueError("max_samples on shards only caps a resampled (training) epoch; "
                              "write a subset with `hjepa shard --max-samples N` instead")
         listed = resolve_shards(shards, split, kwargs.get("manifest"))
-        world = _rank_world(kwargs.get("rank"), kwargs.get("world_size"))[1]
+        world = rank_world(kwargs.get("rank"), kwargs.get("world_size"))[1]
         cap = min(max_samples, listed.num_samples or max_samples)
         kwargs.setdefault("epoch_samples", max(1, cap // world))
         shards = listed

@@ -18,7 +18,7 @@ requested format. Zero-byte files, non-images, corrupt or truncated data and ima
 :data:`~hjepa_core.data.images.MAX_IMAGE_PIXELS` are skipped, counted and listed; the
 writer checks ``inputs == written + skipped``.
 
-Crash safety: every file is written under a hidden temporary name (``.NAME.PID.tmp``), fsynced
+Crash safety: every file is written under a hidden temporary name (``.NAME.PID-RANDOM.tmp``), fsynced
 and renamed. Before a split is written its entry is removed from the manifest and its old
 shards are deleted; the entry is put back only once all new shards are in place. So an
 interrupted run leaves only whole shards of its own, no shard that looks complete but is
@@ -36,7 +36,6 @@ import multiprocessing
 import os
 import re
 import tarfile
-import warnings
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -45,14 +44,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from hjepa_core.constants import DEFAULT_SAMPLES_PER_SHARD, SHARD_IMAGE_FORMATS
-from hjepa_core.data.images import MAX_IMAGE_PIXELS, BadImageError, to_rgb
+from hjepa_core.data.images import BadImageError, decode_image, to_rgb
 from hjepa_core.data.raw_sources import build_raw_source
-from hjepa_core.data.shards.manifest import MANIFEST_FORMAT, MANIFEST_VERSION
-from hjepa_core.data.shards.spec import MANIFEST_NAME
+from hjepa_core.data.shards.manifest import load_manifest_or_new, save_manifest
+from hjepa_core.utils import AtomicFile, fsync_dir
 
 DEFAULT_MAX_SHARD_BYTES = 1 << 30
 IMAGE_FORMATS = SHARD_IMAGE_FORMATS
@@ -130,27 +129,6 @@ def _encode_pil(image: Image.Image, raw: bytes | None, options: _EncodeOptions) 
     return buffer.getvalue(), ext, not keeps_mode, True
 
 
-def _decode_raw(data: bytes) -> tuple[Image.Image | None, str, str]:
-    """Decodes untrusted file bytes; returns ``(image, "", "")`` or ``(None, reason, detail)``."""
-    if not data:
-        return None, "empty", "zero-byte file"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                return None, "too_large", f"{width}x{height} is over {MAX_IMAGE_PIXELS} pixels"
-            image.load()
-    except Image.DecompressionBombError as exc:
-        return None, "too_large", str(exc)
-    except UnidentifiedImageError:
-        return None, "not_an_image", "not a recognised image format"
-    except Exception as exc:  # malformed input makes PIL's plugins raise many types
-        return None, "corrupt", f"{type(exc).__name__}: {exc}"
-    return image, "", ""
-
-
 def _record(source_id: str, image: Image.Image, label: int, classes: Sequence[str],
             converted: bool, reencoded: bool) -> dict:
     return {
@@ -200,9 +178,10 @@ def _encode_index(source: Dataset, index: int, options: _EncodeOptions, classes:
             data = Path(path).read_bytes()
         except OSError as exc:
             return _Skipped(index, source_id, "unreadable", f"{type(exc).__name__}: {exc}")
-        image, reason, detail = _decode_raw(data)
-        if image is None:
-            return _Skipped(index, source_id, reason, detail)
+        try:
+            image = decode_image(data, source_id)
+        except BadImageError as exc:
+            return _Skipped(index, source_id, exc.reason, exc.detail)
     else:
         data = None
         source_id = f"{options.source_name}:{options.split}:{_original_index(source, index)}"
@@ -232,45 +211,12 @@ def _encode_chunk(indices: Sequence[int]) -> list[_Encoded | _Skipped]:
     return [_encode_index(source, i, options, classes, files) for i in indices]
 
 
-def _temp_name(name: str) -> str:
-    return f".{name}.{os.getpid()}.tmp"
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Writes ``data`` to a temporary name, fsyncs it and renames it over ``path``."""
-    temp = path.with_name(_temp_name(path.name))
-    try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
 class _ShardWriter:
     """One shard being written under a temporary name; :meth:`commit` renames it into place."""
 
     def __init__(self, out_dir: Path, name: str) -> None:
         self.name = name
-        self.final = out_dir / name
-        self.temp = out_dir / _temp_name(name)
-        self._file = open(self.temp, "wb")  # noqa: SIM115 -- closed by commit() or abort()
+        self._file = AtomicFile(out_dir / name)
         self._sha256 = hashlib.sha256()
         self.count = 0
         self.bytes = 0
@@ -288,33 +234,12 @@ class _ShardWriter:
         """Ends the archive (two zero blocks, padded to a whole record), fsyncs and renames."""
         self.write(bytes(_tar_file_size(self.bytes) - self.bytes))
         self.count -= 1
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.temp, self.final)
+        self._file.commit()
         return {"name": self.name, "num_samples": self.count,
                 "bytes": self.bytes, "sha256": self._sha256.hexdigest()}
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self.temp.unlink(missing_ok=True)
-
-
-def _load_manifest_or_new(out_dir: Path) -> dict:
-    path = out_dir / MANIFEST_NAME
-    if path.is_file():
-        try:
-            manifest = json.loads(path.read_text())
-            if manifest.get("format") == MANIFEST_FORMAT:
-                return manifest
-        except (OSError, ValueError):
-            pass
-    return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "classes": [], "splits": {}}
-
-
-def _save_manifest(out_dir: Path, manifest: dict) -> None:
-    _write_atomic(out_dir / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+        self._file.abort()
 
 
 def _shard_name(split: str, index: int) -> str:
@@ -323,7 +248,7 @@ def _shard_name(split: str, index: int) -> str:
 
 def _clean_split(out_dir: Path, split: str) -> None:
     """Removes this split's shards and leftover temporaries of earlier runs."""
-    pattern = re.compile(rf"^{re.escape(split)}-\d{{6}}\.tar$|^\.{re.escape(split)}-\d{{6}}\.tar\.\d+\.tmp$")
+    pattern = re.compile(rf"^{re.escape(split)}-\d{{6}}\.tar$|^\.{re.escape(split)}-\d{{6}}\.tar\.[\w-]+\.tmp$")
     for path in out_dir.iterdir():
         if pattern.match(path.name):
             path.unlink(missing_ok=True)
@@ -447,9 +372,9 @@ def write_shards(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = _load_manifest_or_new(out)
+    manifest = load_manifest_or_new(out)
     if manifest["splits"].pop(split, None) is not None:
-        _save_manifest(out, manifest)  # a crash from here on leaves the split unlisted
+        save_manifest(out, manifest)  # a crash from here on leaves the split unlisted
     _clean_split(out, split)  # no old shard may pass for part of this run
 
     from tqdm import tqdm
@@ -490,13 +415,13 @@ def write_shards(
         if writer is not None:
             writer.abort()
         results.close()
-    _fsync_dir(out)
+    fsync_dir(out)
 
     written = sum(s["num_samples"] for s in shards)
     if written + len(skipped) != n_inputs:
         raise RuntimeError(f"internal error: {n_inputs} inputs but {written} written + {len(skipped)} skipped")
     label_name = dict(enumerate(classes))
-    manifest = _load_manifest_or_new(out)
+    manifest = load_manifest_or_new(out)
     manifest["classes"] = classes
     manifest["splits"][split] = {
         "source": name,
@@ -515,5 +440,5 @@ def write_shards(
         "shards": shards,
     }
     manifest["splits"] = dict(sorted(manifest["splits"].items()))
-    _save_manifest(out, manifest)
+    save_manifest(out, manifest)
     return manifest
