@@ -48,7 +48,7 @@ demo: install
 	@mkdir -p outputs
 	$(PY) examples/multicrop_training_example.py
 	$(HJEPA) pipeline run-local --root outputs/pipeline --config configs/fashion_mnist.yaml \
-		--max-samples 4096 --max-test-samples 2000
+		--max_samples 4096 --max_test_samples 2000
 	@echo "Browse the runs: make mlflow-ui  (then open http://127.0.0.1:5000)"
 
 # The one image of the components, the MLflow server and the PyTorchJob (needs a Docker engine).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 import sys
 from collections.abc import Sequence
@@ -256,8 +257,42 @@ def _add_plugins(sub: argparse._SubParsersAction) -> None:
         register(sub)
 
 
+def _spellings(option: str) -> list[str]:
+    """``--data_path`` and ``--data-path`` for either; other options as they are."""
+    if not option.startswith("--") or not any(c in option[2:] for c in "-_"):
+        return [option]
+    return ["--" + option[2:].replace("-", "_"), "--" + option[2:].replace("_", "-")]
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows a flag's underscore spelling only (the hyphen alias works, but would double the help)."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if len(action.option_strings) > 1:
+            action = copy.copy(action)
+            action.option_strings = list(dict.fromkeys(_spellings(s)[0] for s in action.option_strings))
+        return super()._format_action_invocation(action)
+
+
+def _one_flag_style(parser: argparse.ArgumentParser) -> None:
+    """Every multi-word flag of ``parser`` and its sub-commands (plugins included) answers to the
+    seed's underscore spelling (``--data_path``, shown in help and usage) and to the hyphen one."""
+    parser.formatter_class = _HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in {id(p): p for p in action.choices.values()}.values():
+                _one_flag_style(child)
+            continue
+        spelled = list(dict.fromkeys(form for option in action.option_strings for form in _spellings(option)))
+        for option in spelled:
+            parser._option_string_actions[option] = action
+        action.option_strings = spelled
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hjepa", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="hjepa", description=__doc__,
+        epilog="Flags use underscores (--data_path); the hyphen spelling (--data-path) works too.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_shard(sub)
@@ -265,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(sub)
     _add_data(sub)
     _add_plugins(sub)
+    _one_flag_style(parser)
     return parser
 
 

@@ -39,3 +39,17 @@ def test_hjepa_help_in_a_subprocess() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     for command_name in ("train", "shard", "evaluate", "compare", "data", "pipeline"):
         assert command_name in proc.stdout
+
+
+def test_flags_take_the_underscore_and_the_hyphen_spelling() -> None:
+    from hjepa_core.cli import build_parser
+
+    parser = build_parser()
+    common = ["--source", "fashion_mnist", "--out", "x"]
+    under = parser.parse_args(["shard", *common, "--data_path", "d", "--max_samples", "5", "--no_progress"])
+    hyphen = parser.parse_args(["shard", *common, "--data-path", "d", "--max-samples", "5", "--no-progress"])
+    assert vars(under) == vars(hyphen) and (under.data_path, under.max_samples, under.no_progress) == ("d", 5, True)
+    train = parser.parse_args(["train", "--batch-size", "8", "--output_dir", "o"])
+    assert (train.batch_size, train.output_dir) == (8, "o")
+    usage = parser._subparsers._group_actions[0].choices["shard"].format_usage()
+    assert "--data_path" in usage and "--data-path" not in usage
