@@ -67,6 +67,7 @@ class MaskingConfig:
     level_scale_growth: float = 1.0
     context_scale: tuple[float, float] = (0.85, 1.0)
     min_context_patches: int = 4
+    local_mask_ratio: float = 0.0
 
 
 @dataclass
@@ -247,6 +248,7 @@ class Config:
             level_scale_growth=mk.level_scale_growth,
             context_scale=mk.context_scale,
             min_context_patches=mk.min_context_patches,
+            local_mask_ratio=mk.local_mask_ratio,
             seed=seed,
         )
 

@@ -72,7 +72,7 @@ def _block_shape(scale: float, aspect: float, grid: int) -> tuple[int, int]:
     return h, w
 
 
-def _random_subset(cells: Tensor, keep: int, generator: torch.Generator | None) -> Tensor:
+def random_subset(cells: Tensor, keep: int, generator: torch.Generator | None) -> Tensor:
     """(B, keep) sorted indices: a uniform random subset of each row's True cells.
 
     Context cells score in (1, 2), others in (0, 1), so the ``keep`` highest scores are
@@ -257,7 +257,7 @@ class HierarchicalMaskGenerator:
                 f"{self.max_redraws} tries; lower num_target_masks or base_scale"
             )
         keep = int(context.sum(1).min())
-        context_idx = _random_subset(context, keep, generator)
+        context_idx = random_subset(context, keep, generator)
         targets = [self._block_indices(top, left, shape, side)
                    for (top, left), shape, side in zip(corners, shapes, self.grid_sizes, strict=True)]
         return HierarchicalMasks(context_idx, targets, list(self.grid_sizes))

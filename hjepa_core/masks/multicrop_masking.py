@@ -17,8 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
-from hjepa_core.masks.hierarchical import HierarchicalMaskGenerator, HierarchicalMasks, MaskConfigError
+from hjepa_core.masks.hierarchical import HierarchicalMaskGenerator, HierarchicalMasks, MaskConfigError, random_subset
 
 MASKING_STRATEGIES = ("global_only", "global_with_local_context", "cross_crop_prediction")
 LOCAL_UNMASKED, LOCAL_CONTEXT, LOCAL_TARGET = "unmasked", "context", "target"
@@ -45,14 +46,17 @@ class MultiCropMasks:
     Attributes:
         global_masks: one :class:`HierarchicalMasks` per global crop.
         local_roles: per local crop, ``"unmasked"``, ``"context"`` or ``"target"``.
-        local_grid: patch-grid side of a local crop (all its patches are used).
+        local_grid: patch-grid side of a local crop.
         strategy: the masking strategy that made these masks.
+        local_keep: (L*B, K) sorted patch indices each encoded local crop keeps (crop-major, as the
+            local crops are batched), or None when local crops keep all their patches.
     """
 
     global_masks: list[HierarchicalMasks]
     local_roles: tuple[str, ...]
     local_grid: int
     strategy: str
+    local_keep: Tensor | None = None
 
     @property
     def num_local_crops(self) -> int:
@@ -63,8 +67,9 @@ class MultiCropMasks:
         return [i for i, r in enumerate(self.local_roles) if r == role]
 
     def to(self, device: torch.device | str) -> MultiCropMasks:
+        keep = self.local_keep.to(device, non_blocking=True) if self.local_keep is not None else None
         return MultiCropMasks([m.to(device) for m in self.global_masks], self.local_roles,
-                              self.local_grid, self.strategy)
+                              self.local_grid, self.strategy, keep)
 
 
 class MultiCropMaskGenerator:
@@ -76,6 +81,9 @@ class MultiCropMaskGenerator:
         num_hierarchies, num_target_masks, base_scale, aspect_ratio_range: hierarchical masks
             of the global crops (see :class:`HierarchicalMaskGenerator`).
         patch_size: ViT patch side; both crop sizes must be multiples of it.
+        local_mask_ratio: fraction of each encoded local crop's patches dropped before the
+            encoder (random per crop, I-JEPA-style token dropping): local crops cost less and
+            their prediction of the global views gets harder.
         seed: makes calls without an explicit generator deterministic.
         **kwargs: passed on to :class:`HierarchicalMaskGenerator` (``level_scale_growth``,
             ``context_scale``, ``min_context_patches``).
@@ -93,10 +101,13 @@ class MultiCropMaskGenerator:
         base_scale: tuple[float, float] = (0.05, 0.15),
         aspect_ratio_range: tuple[float, float] = (0.75, 1.5),
         patch_size: int = 16,
+        local_mask_ratio: float = 0.0,
         seed: int | None = None,
         **kwargs,
     ) -> None:
         local_roles(masking_strategy, num_local_crops)
+        if not 0.0 <= local_mask_ratio < 1.0:
+            raise MaskConfigError(f"local_mask_ratio must be in [0, 1), got {local_mask_ratio}")
         if local_crop_size % patch_size:
             raise MaskConfigError(
                 f"local_crop_size {local_crop_size} is not divisible by patch_size {patch_size}"
@@ -123,6 +134,9 @@ class MultiCropMaskGenerator:
         self.num_local_crops = num_local_crops
         self.masking_strategy = masking_strategy
         self.patch_size = patch_size
+        local_patches = (local_crop_size // patch_size) ** 2
+        self.local_keep_count = max(1, round(local_patches * (1.0 - local_mask_ratio)))
+        self.local_mask_ratio = local_mask_ratio
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     @property
@@ -141,6 +155,13 @@ class MultiCropMaskGenerator:
         # One draw for all global crops: equal context sizes, so the model encodes every
         # global crop in one batched call.
         joint = self.global_generator(batch_size * self.num_global_crops, generator)
+        roles = local_roles(self.masking_strategy, n_local)
+        local_grid = self.local_crop_size // self.patch_size
+        encoded = sum(role != LOCAL_TARGET for role in roles)
+        local_keep = None
+        if self.local_keep_count < local_grid**2 and encoded:
+            every_patch = torch.ones(encoded * batch_size, local_grid**2, dtype=torch.bool)
+            local_keep = random_subset(every_patch, self.local_keep_count, generator)
         return MultiCropMasks(
             [
                 HierarchicalMasks(context, list(targets), joint.grid_sizes)
@@ -150,7 +171,8 @@ class MultiCropMaskGenerator:
                     strict=True,
                 )
             ],
-            local_roles(self.masking_strategy, n_local),
-            self.local_crop_size // self.patch_size,
+            roles,
+            local_grid,
             self.masking_strategy,
+            local_keep,
         )

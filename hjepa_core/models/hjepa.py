@@ -3,17 +3,19 @@
 One forward pass over a :class:`~hjepa_core.data.MultiCropBatch`:
 
 1. The EMA target encoder embeds the full global crops; targets are layer-normed tokens,
-   average-pooled over 2^k x 2^k windows (and layer-normed again) for level k.
+   average-pooled over 2^k x 2^k windows (and layer-normed again) for level k. The top of the
+   hierarchy is the *image level*: a global crop's layer-normed mean target token.
 2. The context encoder embeds the global crops' context patches (all global crops in one
    call) and the local crops that take part (all local crops in one call).
 3. The predictor sees the global context (plus context-role local tokens under
    ``global_with_local_context`` / ``cross_crop_prediction``) and predicts, in one sequence,
    every level's target blocks (and, under ``cross_crop_prediction``, the target-role local
    crops' target features) at their source-frame positions.
-4. Under ``global_only`` / ``global_with_local_context`` the local crops are also tied to the
-   global views: from a local crop's tokens the predictor predicts the paired global crop's
-   target features at the local patches' source positions (bilinearly sampled, counted only
-   where the local patch lies inside the global crop).
+4. Local -> image level, in every strategy: from a local crop's tokens alone the predictor
+   predicts each global crop's image-level target, queried at that crop's source-frame box.
+   A small crop must predict what the whole view means: DINO's local-to-global
+   correspondence (Caron et al., 2021) as a JEPA prediction in latent space, not a dense
+   regression of features the local crop itself shows.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class HJEPA(nn.Module):
         predictor: a :class:`HierarchicalPredictor` with one head per level.
         hierarchy_weights: loss weight of each level.
         loss_type: ``smooth_l1`` or ``mse``.
-        local_weight: weight of the local-crop term (tie or cross-crop prediction).
+        local_weight: weight of the local-crop terms (local -> image level; cross-crop prediction).
         vicreg_weight: weight of VICReg on pooled context embeddings of two global views.
     """
 
@@ -134,11 +136,13 @@ class HJEPA(nn.Module):
         encoded_roles = [i for i, r in enumerate(masks.local_roles) if r in (LOCAL_CONTEXT, LOCAL_UNMASKED)]
         local_tokens = local_positions = None
         if encoded_roles:
-            local_tokens = self.encoder(torch.cat([local_crops[i] for i in encoded_roles]))
+            local_tokens = self.encoder(torch.cat([local_crops[i] for i in encoded_roles]), masks.local_keep)
             local_positions = source_positions(
                 local_boxes[encoded_roles].flatten(0, 1), local_flips[encoded_roles].flatten(0, 1),
                 masks.local_grid,
             )
+            if masks.local_keep is not None:
+                local_positions = _gather_tokens(local_positions, masks.local_keep)
             context_roles = [j for j, i in enumerate(encoded_roles) if masks.local_roles[i] == LOCAL_CONTEXT]
             if context_roles:
                 pick = torch.cat([torch.arange(j * b, (j + 1) * b) for j in context_roles]).to(images.device)
@@ -161,7 +165,7 @@ class HJEPA(nn.Module):
                 masks.local_grid,
             )
             queries.append((_per_image(positions, len(target_roles), b, n_g), 0))
-            answers.append(("loss/local", self.local_weight,
+            answers.append(("loss/cross_crop", self.local_weight,
                             _per_image(local_targets, len(target_roles), b, n_g)))
 
         predictions = self.predictor(torch.cat(pred_context, 1), torch.cat(pred_positions, 1), queries)
@@ -171,10 +175,9 @@ class HJEPA(nn.Module):
             parts[name] = prediction_loss(pred, target, self.loss_type)
             total = total + weight * parts[name]
 
-        if local_tokens is not None and masks.strategy != "cross_crop_prediction":
-            parts["loss/local"] = self._local_to_global(
-                local_tokens, local_positions, encoded_roles, target_tokens, boxes, flips, n_g, b
-            )
+        if local_tokens is not None:
+            parts["loss/local"] = self._local_to_image(local_tokens, local_positions, target_tokens,
+                                                       boxes, flips, n_g, b)
             total = total + self.local_weight * parts["loss/local"]
         if self.vicreg_weight > 0 and n_g >= 2:
             pooled = context.float().mean(dim=1)
@@ -184,36 +187,36 @@ class HJEPA(nn.Module):
         pooled_targets = target_tokens.float().mean(dim=1)
         return HJEPAOutput(total, parts, pooled_targets)
 
-    def _local_to_global(
+    def _local_to_image(
         self,
         local_tokens: Tensor,
         local_positions: Tensor,
-        roles: list[int],
         target_tokens: Tensor,
         global_boxes: Tensor,
         global_flips: Tensor,
         n_g: int,
         b: int,
     ) -> Tensor:
-        """Predicts, from each local crop alone, the paired global crop's target features at
-        the local patches' source positions (local crop i pairs with global crop i mod n_g)."""
-        _, t, d = target_tokens.shape
-        side = round(t**0.5)
-        device = local_tokens.device
-        pair = torch.cat([
-            torch.arange(b, device=device) + (i % n_g) * b for i in roles
-        ])
-        gx0, gy0, gx1, gy1 = global_boxes[pair].float().unbind(-1)
-        u = (local_positions[..., 0] - gx0[:, None]) / (gx1 - gx0)[:, None]
-        v = (local_positions[..., 1] - gy0[:, None]) / (gy1 - gy0)[:, None]
-        u = torch.where(global_flips[pair].bool()[:, None], 1.0 - u, u)
-        inside = (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
-        grid = torch.stack([2 * u - 1, 2 * v - 1], dim=-1)[:, None]
-        feature_map = target_tokens[pair].transpose(1, 2).reshape(len(pair), d, side, side)
-        sampled = F.grid_sample(feature_map.float(), grid.float(), align_corners=False)
-        targets = _layer_norm(sampled[:, :, 0].transpose(1, 2))
-        (prediction,) = self.predictor(local_tokens, local_positions, [(local_positions, 0)])
-        return prediction_loss(prediction, targets, self.loss_type, weight=inside)
+        """Predicts, from each local crop alone, every global crop's image-level target.
+
+        Args:
+            local_tokens: (L*B, T, D) context-encoder tokens of L local crops, crop-major.
+            local_positions: (L*B, T, 4) their source-frame positions.
+            target_tokens: (n_g*B, T_g, D) layer-normed target tokens of the global crops.
+            global_boxes, global_flips: (n_g*B, 4) and (n_g*B,) global crop geometry.
+        """
+        image_targets = _layer_norm(target_tokens.float().mean(dim=1)).view(n_g, b, -1).transpose(0, 1)
+        whole_crop = source_positions(global_boxes, global_flips, side=1)  # (n_g*B, 1, 4)
+        queries = whole_crop.view(n_g, b, 4).transpose(0, 1)  # (B, n_g, 4)
+        repeat = local_tokens.shape[0] // b
+        (prediction,) = self.predictor(local_tokens, local_positions,
+                                       [(queries.repeat(repeat, 1, 1), self.image_level)])
+        return prediction_loss(prediction, image_targets.repeat(repeat, 1, 1), self.loss_type)
+
+    @property
+    def image_level(self) -> int:
+        """The predictor head and query embedding of the image level (after the spatial levels)."""
+        return len(self.hierarchy_weights)
 
 
 def build_hjepa(config) -> HJEPA:
@@ -225,7 +228,7 @@ def build_hjepa(config) -> HJEPA:
         embed_dim=m.predictor_embed_dim,
         depth=m.predictor_depth,
         num_heads=m.predictor_num_heads,
-        num_levels=config.masking.num_hierarchies,
+        num_levels=config.masking.num_hierarchies + 1,  # spatial levels + the image level
         mlp_ratio=m.mlp_ratio,
         pos_scale=float(config.crops.global_crop_size // m.patch_size),
         grad_checkpointing=m.grad_checkpointing,
