@@ -118,3 +118,21 @@ def test_to_device_keeps_roles() -> None:
 def test_invalid_combinations_name_the_parameter(kwargs: dict, name: str) -> None:
     with pytest.raises(MaskConfigError, match=name):
         MultiCropMaskGenerator(**kwargs)
+
+
+@pytest.mark.parametrize("strategy", MASKING_STRATEGIES)
+def test_local_mask_ratio_keeps_a_fixed_random_subset_of_each_encoded_local_crop(strategy) -> None:
+    generator = MultiCropMaskGenerator(32, 16, 2, 4, strategy, num_hierarchies=2, patch_size=4,
+                                       local_mask_ratio=0.5)
+    masks = generator(3, generator=_gen(0))
+    encoded = sum(role != "target" for role in masks.local_roles)
+    assert masks.local_keep is not None and masks.local_keep.shape == (encoded * 3, 8)
+    assert (masks.local_keep.diff(dim=1) > 0).all() and masks.local_keep.max() < 16
+    assert len({tuple(row.tolist()) for row in masks.local_keep}) > 1  # random per crop
+    unmasked = MultiCropMaskGenerator(32, 16, 2, 4, strategy, num_hierarchies=2, patch_size=4)(3, generator=_gen(0))
+    assert unmasked.local_keep is None
+
+
+def test_local_mask_ratio_out_of_range_is_an_error() -> None:
+    with pytest.raises(MaskConfigError, match="local_mask_ratio"):
+        MultiCropMaskGenerator(32, 16, 2, 4, patch_size=4, num_hierarchies=2, local_mask_ratio=1.0)

@@ -100,3 +100,26 @@ def test_source_positions_follow_box_and_flip():
     assert torch.allclose(pos[1, 0, 2:], torch.tensor([0.25, 0.25]))
     coarse = source_positions(boxes, torch.tensor([False, False]), side=4, cell=2)
     assert torch.allclose(coarse[0, 0], torch.tensor([0.25, 0.25, 0.5, 0.5]))
+
+
+def test_local_crops_are_encoded_from_their_kept_patches_only():
+    cfg = tiny_config("global_only", "masking.local_mask_ratio=0.5")
+    torch.manual_seed(0)
+    model = build_hjepa(cfg).eval()
+    batch = first_batch(cfg)
+    keep = batch.masks.local_keep
+    assert keep.shape[1] == 8  # a 16 px local crop at patch 4 has 16 patches; half are kept
+    base = model(batch).parts["loss/local"]
+    assert torch.isfinite(base)
+    dropped = sorted(set(range(16)) - set(keep[0].tolist()))
+
+    def perturbed(patch: int) -> float:
+        changed = copy.copy(batch)
+        crop = batch.crops[2].clone()  # first local crop; row 0 of local_keep is its first image
+        row, col = divmod(patch, 4)
+        crop[0, :, row * 4:(row + 1) * 4, col * 4:(col + 1) * 4] += 3.0
+        changed.crops = [*batch.crops[:2], crop, *batch.crops[3:]]
+        return model(changed).parts["loss/local"]
+
+    assert torch.allclose(perturbed(dropped[0]), base)
+    assert not torch.allclose(perturbed(int(keep[0, 0])), base)
