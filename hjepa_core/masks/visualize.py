@@ -38,11 +38,14 @@ class MaskedBatch(Protocol):
     """What a picture needs of a batch (:class:`~hjepa_core.data.multicrop_dataset.MultiCropBatch`
     has it; masks sit below data, so they name the shape, not the class)."""
 
-    crops: Sequence[Tensor]
-    masks: MultiCropMasks | None
-    num_global_crops: int
-    normalized: bool
-
+    @property
+    def crops(self) -> Sequence[Tensor]: ...
+    @property
+    def masks(self) -> MultiCropMasks | None: ...
+    @property
+    def num_global_crops(self) -> int: ...
+    @property
+    def normalized(self) -> bool: ...
     @property
     def batch_size(self) -> int: ...
 
