@@ -7,8 +7,12 @@ blocks on that grid, and its targets are the pooled target features. The context
 overlaps a target of any level.
 
 Everything is vectorised over the batch. As in I-JEPA, one block shape is drawn per batch
-(and level), positions per sample, so target counts are equal across the batch; contexts are
-subsampled uniformly to the smallest context in the batch, so they are plain index tensors.
+(and level), positions per sample, so target counts are equal across the batch. Every context
+has the same fixed size, chosen once at construction (:attr:`context_count`): a sample keeps
+random cells of its context block and, when the block has too few, tops up with random cells
+outside it that no target covers. So contexts do not shrink to the smallest one in the batch
+(which cut a 256-sample batch's contexts on a 14x14 grid to half their mean), and every batch
+has the same shapes (no recompiles under ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -72,19 +76,20 @@ def _block_shape(scale: float, aspect: float, grid: int) -> tuple[int, int]:
     return h, w
 
 
-def random_subset(cells: Tensor, keep: int, generator: torch.Generator | None) -> Tensor:
-    """(B, keep) sorted indices: a uniform random subset of each row's True cells.
+def random_subset(priority: Tensor, keep: int, generator: torch.Generator | None) -> Tensor:
+    """(B, keep) sorted indices: per row, ``keep`` random cells of the highest priority.
 
-    Context cells score in (1, 2), others in (0, 1), so the ``keep`` highest scores are
-    ``keep`` random context cells; a per-row threshold (k-th value) selects them and
-    ``nonzero`` lists them in index order (cheaper than top-k and a sort).
+    ``priority`` is a (B, N) bool or small-integer tensor. Cells score ``priority + U(0, 1)``, so
+    the ``keep`` highest scores take every cell of the top priority class first, at random within
+    a class; a per-row threshold (k-th value) selects them and ``nonzero`` lists them in index
+    order (cheaper than top-k and a sort).
     """
-    scores = torch.rand(cells.shape, generator=generator) + cells.float()
+    scores = torch.rand(priority.shape, generator=generator) + priority.float()
     if keep == 0:
-        return torch.zeros(cells.shape[0], 0, dtype=torch.long)
-    threshold = scores.kthvalue(cells.shape[1] - keep + 1, dim=1, keepdim=True).values
+        return torch.zeros(priority.shape[0], 0, dtype=torch.long)
+    threshold = scores.kthvalue(priority.shape[1] - keep + 1, dim=1, keepdim=True).values
     chosen = scores >= threshold
-    if int(chosen.sum()) == cells.shape[0] * keep:
+    if int(chosen.sum()) == priority.shape[0] * keep:
         return chosen.nonzero()[:, 1].view(-1, keep)
     return scores.topk(keep, dim=1).indices.sort(dim=1).values  # a tie at a threshold
 
@@ -102,11 +107,14 @@ class HierarchicalMaskGenerator:
         level_scale_growth: level k's scale range is ``base_scale * growth**k`` (1.0 keeps the
             same image fraction at every level, with coarser tokens).
         context_scale: context block area range (I-JEPA: 0.85-1.0, aspect 1).
-        min_context_patches: a sample whose context would be smaller is redrawn.
+        min_context_patches: the smallest allowed :attr:`context_count`.
+        min_context_fraction: the smallest allowed :attr:`context_count` as a fraction of the
+            patch grid; settings that leave less context are a construction-time error.
         seed: seeds the generator used when a call passes none.
     """
 
     max_redraws = 50
+    _estimate_batches, _estimate_batch_size = 32, 32
 
     def __init__(
         self,
@@ -119,6 +127,7 @@ class HierarchicalMaskGenerator:
         level_scale_growth: float = 1.0,
         context_scale: tuple[float, float] = (0.85, 1.0),
         min_context_patches: int = 4,
+        min_context_fraction: float = 0.1,
         seed: int | None = None,
     ) -> None:
         if input_size % patch_size:
@@ -142,7 +151,15 @@ class HierarchicalMaskGenerator:
         self.level_scale_growth = level_scale_growth
         self.context_scale = tuple(context_scale)
         self.min_context_patches = min_context_patches
+        self.min_context_fraction = min_context_fraction
         self.grid_sizes = [self.grid // 2**k for k in range(num_hierarchies)]
+        if num_hierarchies > 1 and self.grid_sizes[-1] < 3:
+            raise MaskConfigError(
+                f"num_hierarchies={num_hierarchies} on a {self.grid}x{self.grid} patch grid makes level "
+                f"{num_hierarchies - 1} a {self.grid_sizes[-1]}x{self.grid_sizes[-1]} grid, where one target "
+                "cell is a whole quadrant of the crop or more; lower num_hierarchies or raise the crop size "
+                "(or lower patch_size)"
+            )
         if self.grid_sizes[-1] < 1:
             raise MaskConfigError(
                 f"num_hierarchies={num_hierarchies} needs a patch grid of at least "
@@ -154,7 +171,29 @@ class HierarchicalMaskGenerator:
             for k in range(num_hierarchies)
         ]
         self._check_blocks_fit()
+        self.context_count = self._choose_context_count()
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def _choose_context_count(self) -> int:
+        """The fixed context size: the median context-block size over simulated batches, capped so
+        that ~95% of samples have that many cells outside every target (others are redrawn)."""
+        generator = torch.Generator().manual_seed(0)
+        in_block, free = [], []
+        for _ in range(self._estimate_batches):
+            block, uncovered = self._draw(self._estimate_batch_size, self._sample_shapes(generator), generator)[1:]
+            in_block.append((block & uncovered).sum(1))
+            free.append(uncovered.sum(1))
+        count = min(int(torch.cat(in_block).float().median()),
+                    int(torch.cat(free).float().quantile(0.05)))
+        floor = max(self.min_context_patches, math.ceil(self.min_context_fraction * self.grid**2))
+        if count < floor:
+            raise MaskConfigError(
+                f"the target blocks leave a context of about {count} of {self.grid**2} patches, fewer "
+                f"than {floor} (min_context_patches={self.min_context_patches}, min_context_fraction="
+                f"{self.min_context_fraction}); lower num_target_masks, base_scale or num_hierarchies, "
+                "or use a larger crop"
+            )
+        return count
 
     def _check_blocks_fit(self) -> None:
         lo_r, hi_r = self.aspect_ratio_range
@@ -167,25 +206,6 @@ class HierarchicalMaskGenerator:
                     f"is up to {tallest}x{widest} cells but the level grid is {side}x{side}; "
                     "lower base_scale (or level_scale_growth) or narrow aspect_ratio_range"
                 )
-        expected = self.expected_context_patches()
-        if expected < self.min_context_patches:
-            raise MaskConfigError(
-                f"target blocks leave about {expected:.1f} context patches on average "
-                f"(min_context_patches={self.min_context_patches}); lower num_target_masks, "
-                "base_scale or num_hierarchies, or use a larger crop"
-            )
-
-    def expected_context_patches(self) -> float:
-        """Mean context size, assuming blocks land independently (used for the fit check)."""
-        fine_area = self.grid * self.grid
-        keep = sum(self.context_scale) / 2
-        for k, (side, (lo, hi)) in enumerate(zip(self.grid_sizes, self.level_scales, strict=True)):
-            cells = (side * 2**k) ** 2
-            mean_block = sum(
-                math.prod(_block_shape(s, r, side)) for s in (lo, hi) for r in self.aspect_ratio_range
-            ) / 4
-            keep *= (1.0 - mean_block * cells / side**2 / fine_area) ** self.num_target_masks
-        return keep * fine_area
 
     def _sample_shape(self, scale: tuple[float, float], side: int, generator: torch.Generator | None,
                       aspect: tuple[float, float]) -> tuple[int, int]:
@@ -222,42 +242,49 @@ class HierarchicalMaskGenerator:
         # blocks with one batched (fine x M) @ (M x fine) product.
         return torch.bmm(in_rows.transpose(1, 2).float(), in_cols.float()) > 0
 
-    def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> HierarchicalMasks:
-        generator = generator if generator is not None else self._generator
-        fine = self.grid
+    def _sample_shapes(self, generator: torch.Generator | None) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+        """One batch's target-block shape per level and its context-block shape."""
         shapes = [
             self._sample_shape(scale, side, generator, self.aspect_ratio_range)
             for scale, side in zip(self.level_scales, self.grid_sizes, strict=True)
         ]
-        context_shape = self._sample_shape(self.context_scale, fine, generator, (1.0, 1.0))
+        return shapes, self._sample_shape(self.context_scale, self.grid, generator, (1.0, 1.0))
 
-        def draw(n: int) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
-            corners = [self._place(n, self.num_target_masks, shape, side, generator)
-                       for shape, side in zip(shapes, self.grid_sizes, strict=True)]
-            covered = torch.zeros(n, fine, fine, dtype=torch.bool)
-            for k, ((top, left), shape) in enumerate(zip(corners, shapes, strict=True)):
-                covered |= self._block_cover(top, left, shape, 2**k, fine)
-            c_top, c_left = self._place(n, 1, context_shape, fine, generator)
-            context = self._block_cover(c_top, c_left, context_shape, 1, fine) & ~covered
-            return corners, context.flatten(1)
+    def _draw(self, n: int, shapes: tuple[list[tuple[int, int]], tuple[int, int]],
+              generator: torch.Generator | None) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor]:
+        """Block corners per level, and (n, G*G) masks of the context block and of the cells no
+        target covers."""
+        fine = self.grid
+        target_shapes, context_shape = shapes
+        corners = [self._place(n, self.num_target_masks, shape, side, generator)
+                   for shape, side in zip(target_shapes, self.grid_sizes, strict=True)]
+        covered = torch.zeros(n, fine, fine, dtype=torch.bool)
+        for k, ((top, left), shape) in enumerate(zip(corners, target_shapes, strict=True)):
+            covered |= self._block_cover(top, left, shape, 2**k, fine)
+        c_top, c_left = self._place(n, 1, context_shape, fine, generator)
+        block = self._block_cover(c_top, c_left, context_shape, 1, fine)
+        return corners, block.flatten(1), ~covered.flatten(1)
 
-        corners, context = draw(batch_size)
+    def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> HierarchicalMasks:
+        generator = generator if generator is not None else self._generator
+        shapes = self._sample_shapes(generator)
+        corners, block, free = self._draw(batch_size, shapes, generator)
         for _ in range(self.max_redraws):
-            short = context.sum(1) < self.min_context_patches
+            short = free.sum(1) < self.context_count
             if not short.any():
                 break
             redo = short.nonzero().squeeze(1)
-            new_corners, new_context = draw(len(redo))
-            context[redo] = new_context
+            new_corners, block[redo], free[redo] = self._draw(len(redo), shapes, generator)
             for (top, left), (n_top, n_left) in zip(corners, new_corners, strict=True):
                 top[redo], left[redo] = n_top, n_left
         else:
             raise MaskConfigError(
-                f"could not draw a context of >= {self.min_context_patches} patches in "
+                f"could not place target blocks leaving >= {self.context_count} context patches in "
                 f"{self.max_redraws} tries; lower num_target_masks or base_scale"
             )
-        keep = int(context.sum(1).min())
-        context_idx = random_subset(context, keep, generator)
+        # Context-block cells first, then uncovered cells outside the block; never a target cell.
+        priority = free.to(torch.int8) * (1 + block.to(torch.int8))
+        context_idx = random_subset(priority, self.context_count, generator)
         targets = [self._block_indices(top, left, shape, side)
-                   for (top, left), shape, side in zip(corners, shapes, self.grid_sizes, strict=True)]
+                   for (top, left), shape, side in zip(corners, shapes[0], self.grid_sizes, strict=True)]
         return HierarchicalMasks(context_idx, targets, list(self.grid_sizes))

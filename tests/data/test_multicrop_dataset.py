@@ -29,7 +29,7 @@ def _small_transform(num_local_crops: int = 2) -> MultiCropTransform:
 
 def _small_masks(num_local_crops: int = 2, strategy: str = "cross_crop_prediction"
                  ) -> MultiCropMaskGenerator:
-    return MultiCropMaskGenerator(global_crop_size=64, local_crop_size=32, patch_size=8,
+    return MultiCropMaskGenerator(global_crop_size=64, local_crop_size=32, patch_size=8, num_hierarchies=2,
                                   num_local_crops=num_local_crops, masking_strategy=strategy)
 
 

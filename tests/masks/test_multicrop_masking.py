@@ -66,7 +66,7 @@ def test_invariants_for_every_strategy(mask_invariants, strategy: str, num_globa
                                        override: int | None, batch: int, seed: int) -> None:
     generator = MultiCropMaskGenerator(global_crop_size=128, local_crop_size=64, patch_size=16,
                                        num_global_crops=num_global, num_local_crops=num_local,
-                                       masking_strategy=strategy)
+                                       masking_strategy=strategy, num_hierarchies=2)
     masks = generator(batch, num_local_crops=override, generator=_gen(seed))
     n_local = num_local if override is None else override
     assert masks.local_roles == local_roles(strategy, n_local)

@@ -18,7 +18,7 @@ from hjepa_core.masks.visualize import block_rectangles, crop_to_display
 def _batch(source: ArrayImageDataset, strategy: str, normalized: bool, n: int = 3) -> MultiCropBatch:
     transform = MultiCropTransform(num_local_crops=4, global_crop_size=64, local_crop_size=32)
     dataset = MultiCropDataset(source, transform)
-    masks = MultiCropMaskGenerator(global_crop_size=64, local_crop_size=32, patch_size=8,
+    masks = MultiCropMaskGenerator(global_crop_size=64, local_crop_size=32, patch_size=8, num_hierarchies=2,
                                    num_local_crops=4, masking_strategy=strategy)
     collate = MultiCropCollator(transform.photometric, masks, defer_photometric=not normalized)
     return collate([dataset[(i, i)] for i in range(n)])

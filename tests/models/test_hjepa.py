@@ -45,7 +45,7 @@ def test_local_crops_change_the_gradient(strategy):
     assert torch.isfinite(base).all()
 
 
-@pytest.mark.parametrize("level", [0, 1, 2])
+@pytest.mark.parametrize("level", [0, 1])
 def test_every_hierarchy_level_changes_the_gradient(level):
     cfg = tiny_config()
     torch.manual_seed(0)
