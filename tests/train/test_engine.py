@@ -130,8 +130,8 @@ def test_trains_from_shards(tmp_path):
 
 def test_time_budget_ends_on_the_clock_and_finishes_the_cosine(tmp_path):
     cfg = load_config("configs/fashion_mnist.yaml",
-                      tiny_overrides(tmp_path, "training.time_budget_s=3", "training.epochs=1", "data.max_samples=32", "training.log_every=1",
-                                     "training.warmup_epochs=0.25", "training.min_lr=1e-6"))
+                      tiny_overrides(tmp_path, "training.time_budget_s=3", "training.epochs=1", "data.max_samples=32",
+                                     "training.log_every=1", "training.warmup_epochs=0.25", "training.min_lr=1e-6"))
     result = train(cfg, progress=False)
     summary = result.metrics
     assert 3.0 <= summary["train_seconds"] < 3.0 + 10.0, summary["train_seconds"]  # slack for a loaded machine
