@@ -30,6 +30,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from hjepa_core.config import load_config
+    from hjepa_core.eval.knn_monitor import epoch_monitor
     from hjepa_core.train import train
 
     overrides = list(args.overrides)
@@ -38,7 +39,7 @@ def _run_train(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     config = load_config(args.config, overrides)
-    result = train(config, resume=args.resume, progress=not args.no_progress)
+    result = train(config, resume=args.resume, progress=not args.no_progress, monitor=epoch_monitor(config))
     if result.preempted:
         print(f"pre-empted at step {result.steps}; checkpoint in {result.output_dir / 'checkpoints'}")
         return 143

@@ -184,9 +184,10 @@ def pretrain_stage(
             summary = json.loads((work / METRICS_FILE).read_text())
             run_id = _find_stage_run(tracking, "pretrain") if parent else None
         else:
+            from hjepa_core.eval.knn_monitor import epoch_monitor
             from hjepa_core.train import train
 
-            result = train(config, resume="auto", progress=False)
+            result = train(config, resume="auto", progress=False, monitor=epoch_monitor(config))
             if result.preempted:
                 raise RuntimeError(f"pretrain: pre-empted at step {result.steps}; checkpoint saved in "
                                    f"{work / 'checkpoints'}, a retry resumes from it")

@@ -35,11 +35,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 
 # Temporary, known exceptions: (importer, imported). Each one names why it is still here.
-KNOWN_EXCEPTIONS = {
-    # train/engine.py imports eval.knn_monitor (the kNN monitor during training); it is being
-    # turned into a callback the caller passes in. Remove this line when that lands.
-    ("hjepa_core.train.engine", "hjepa_core.eval.knn_monitor"),
-}
+KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()
 # .py files that may edit the import path (sys dot path): none.
 SYS_PATH_EXCEPTIONS: set[str] = set()
 _SKIPPED_DIRS = {"outputs", "build", "dist", "node_modules", "mlruns", "mlartifacts"}

@@ -91,3 +91,22 @@ class KnnMonitor:
         if "top5" in result:
             out["knn_monitor/top5"] = result["top5"]
         return out
+
+
+class EpochKnnMonitor:
+    """The training engine's epoch monitor for ``data.knn_monitor_every``: a :class:`KnnMonitor`
+    on the config's dataset, built on first use (so only the rank that runs it loads data)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._monitor: KnnMonitor | None = None
+
+    def __call__(self, encoder: VisionTransformer, device: torch.device) -> dict[str, float]:
+        if self._monitor is None:
+            self._monitor = KnnMonitor(self.config, device)
+        return self._monitor.run(encoder)
+
+
+def epoch_monitor(config: Config) -> EpochKnnMonitor | None:
+    """The monitor ``config`` asks for (``data.knn_monitor_every > 0``), else None."""
+    return EpochKnnMonitor(config) if config.data.knn_monitor_every else None

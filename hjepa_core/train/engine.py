@@ -13,6 +13,8 @@ import dataclasses
 import json
 import signal
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from hjepa_core.config import Config
 from hjepa_core.data.multicrop_dataset import MultiCropBatch, build_multicrop_dataloader, build_multicrop_dataset
 from hjepa_core.losses import collapse_metrics
 from hjepa_core.models.hjepa import HJEPA, build_hjepa
+from hjepa_core.models.vit import VisionTransformer
 from hjepa_core.plots import plot_curves
 from hjepa_core.tracking import start_tracker
 from hjepa_core.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -38,6 +41,11 @@ ENCODER_FILE = "encoder.pt"
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.json"  # flat: steps, epochs_completed, final_loss (DVC metrics)
 LOSS_HISTORY_FILE = "loss_history.csv"  # step,loss (DVC plots)
+
+
+EpochMonitor = Callable[[VisionTransformer, torch.device], dict[str, float]]
+"""An evaluation hook: metrics of the target encoder, run every ``data.knn_monitor_every`` epochs
+and at the end (rank 0). :class:`hjepa_core.eval.knn_monitor.EpochKnnMonitor` is the usual one."""
 
 
 @dataclass
@@ -99,8 +107,13 @@ class _PreemptionFlag:
 class Trainer:
     """Holds the state of one training run; :func:`train` is the entry point."""
 
-    def __init__(self, config: Config, resume: str | None = None, progress: bool = True) -> None:
+    def __init__(self, config: Config, resume: str | None = None, progress: bool = True,
+                 monitor: EpochMonitor | None = None) -> None:
         self.config = config
+        self.monitor = monitor
+        if config.data.knn_monitor_every and monitor is None:
+            warnings.warn("data.knn_monitor_every is set but no monitor was passed to train(); "
+                          "pass monitor=EpochKnnMonitor(config) (hjepa_core.eval)", stacklevel=2)
         t = config.training
         self.device = resolve_device(t.device)
         self.dist: DistInfo = init_distributed(self.device.type)
@@ -157,8 +170,7 @@ class Trainer:
         self.epoch = 0
         self.next_batch = 0
         self.history: list[dict[str, float]] = []
-        self._knn_monitor: Any = None  # built on first use (rank 0, data.knn_monitor_every > 0)
-        self._knn_monitor_step = -1
+        self._monitor_step = -1
         if resume:
             path = resolve_resume(resume, self.output_dir)
             if path is not None:
@@ -344,26 +356,22 @@ class Trainer:
                     exhausted = True
                 if exhausted or self.next_batch >= self.batches_per_epoch:
                     self.epoch, self.next_batch = self.epoch + 1, 0
-                    self._run_knn_monitor()
+                    self._run_monitor()
                     clock = time.perf_counter()  # monitoring is not training time
         bar.close()
         if not preempted:
-            self._run_knn_monitor(final=True)
+            self._run_monitor(final=True)
         self.save_checkpoint()
         return self._finish(first_batch, preempted)
 
-    def _run_knn_monitor(self, final: bool = False) -> None:
-        """kNN accuracy of the target encoder every ``data.knn_monitor_every`` epochs and at the end (rank 0)."""
+    def _run_monitor(self, final: bool = False) -> None:
+        """The epoch monitor every ``data.knn_monitor_every`` epochs and at the end (rank 0)."""
         every = self.config.data.knn_monitor_every
         due = final or self.epoch % every == 0 if every else False
-        if not due or not self.dist.is_main or self._knn_monitor_step == self.step:
+        if not due or self.monitor is None or not self.dist.is_main or self._monitor_step == self.step:
             return
-        if self._knn_monitor is None:
-            from hjepa_core.eval.knn_monitor import KnnMonitor
-
-            self._knn_monitor = KnnMonitor(self.config, self.device)
-        self._knn_monitor_step = self.step
-        self._log(self._knn_monitor.run(self.model.target_encoder))
+        self._monitor_step = self.step
+        self._log(self.monitor(self.model.target_encoder, self.device))
 
     def _log(self, metrics: dict[str, float]) -> None:
         if not self.dist.is_main:
@@ -411,9 +419,11 @@ class Trainer:
         return TrainResult(self.output_dir, encoder_path, summary, self.tracker.run_id, self.step)
 
 
-def train(config: Config, resume: str | None = None, progress: bool = True) -> TrainResult:
-    """Trains H-JEPA as ``config`` says; resumes from ``resume`` (a path or ``auto``)."""
-    trainer = Trainer(config, resume=resume, progress=progress)
+def train(config: Config, resume: str | None = None, progress: bool = True,
+          monitor: EpochMonitor | None = None) -> TrainResult:
+    """Trains H-JEPA as ``config`` says; resumes from ``resume`` (a path or ``auto``); runs
+    ``monitor`` on the target encoder as ``data.knn_monitor_every`` says."""
+    trainer = Trainer(config, resume=resume, progress=progress, monitor=monitor)
     try:
         return trainer.run()
     except BaseException:

@@ -16,10 +16,11 @@ CONFIG = "configs/fashion_mnist.yaml"
 
 def train_tiny(output_dir: Path, *extra: str):
     """Trains the tiny Fashion-MNIST model for 3 steps; returns the TrainResult."""
+    from hjepa_core.eval.knn_monitor import epoch_monitor
     from hjepa_core.train import train
 
     cfg = load_config(CONFIG, tiny_overrides(output_dir, "training.max_steps=3", *extra))
-    return train(cfg, progress=False)
+    return train(cfg, progress=False, monitor=epoch_monitor(cfg))
 
 
 @pytest.fixture(scope="session")
