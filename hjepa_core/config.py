@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -112,7 +113,7 @@ class TrainingConfig:
     weight_decay_end: float = 0.4
     ema_momentum: float = 0.996
     ema_momentum_end: float = 1.0
-    grad_clip: float = 3.0
+    grad_clip: float = 3.0  # max gradient norm; 0 turns clipping off
     accumulation_steps: int = 1
     precision: str = "auto"
     compile: bool = False
@@ -212,8 +213,29 @@ class Config:
         if t.time_budget_s is not None and not t.time_budget_s > 0:
             raise ConfigError(f"training.time_budget_s must be > 0 seconds (or null for an epoch schedule), "
                               f"got {t.time_budget_s}")
-        if t.lr <= 0 or t.min_lr < 0:
-            raise ConfigError("training.lr must be > 0 and training.min_lr >= 0")
+        if not (math.isfinite(t.lr) and t.lr > 0):
+            raise ConfigError(f"training.lr must be a finite number > 0 (e.g. training.lr=1.5e-4), got {t.lr}")
+        if not (math.isfinite(t.min_lr) and t.min_lr >= 0):
+            raise ConfigError(f"training.min_lr must be a finite number >= 0, got {t.min_lr}")
+        if not (math.isfinite(t.grad_clip) and t.grad_clip >= 0):
+            raise ConfigError(f"training.grad_clip must be > 0 (the max gradient norm) or 0 to turn clipping "
+                              f"off, got {t.grad_clip}")
+        for key, value in (("training.max_steps", t.max_steps), ("data.max_samples", self.data.max_samples)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{key} must be >= 1 (or null for no limit), got {value}")
+        for key, value in (("training.checkpoint_every_steps", t.checkpoint_every_steps),
+                           ("data.num_workers", self.data.num_workers),
+                           ("data.knn_monitor_every", self.data.knn_monitor_every)):
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0 (0 turns it off), got {value}")
+        if self.loss.collapse_every < 1:
+            raise ConfigError(f"loss.collapse_every must be >= 1, got {self.loss.collapse_every}")
+        for key in ("global_crop_scale", "local_crop_scale"):
+            low, high = getattr(self.data.multicrop, key)
+            if not 0 < low <= high <= 1:
+                raise ConfigError(f"data.multicrop.{key}=[{low}, {high}] must be [low, high] with "
+                                  f"0 < low <= high <= 1 (fractions of the image area)")
+        self._validate_dataset()
         if not 0.0 <= t.ema_momentum <= t.ema_momentum_end <= 1.0:
             raise ConfigError("need 0 <= training.ema_momentum <= training.ema_momentum_end <= 1")
         from hjepa_core.models.vit import resolve_encoder_size
@@ -226,6 +248,39 @@ class Config:
             self.build_mask_generator()
         except ValueError as exc:
             raise ConfigError(f"masking: {exc}") from exc
+        return self
+
+    def _validate_dataset(self) -> None:
+        """``data.dataset`` is a known dataset name (``NAME`` or ``NAME:PATH``) or a shard spec."""
+        from hjepa_core.data.shards.spec import shard_spec_from
+        from hjepa_core.data.sources import DATASET_NAMES
+
+        d = self.data
+        try:
+            if shard_spec_from(d.dataset, d.data_path) is not None:
+                return
+        except ValueError as exc:
+            raise ConfigError(f"data.dataset: {exc}") from exc
+        name = d.dataset.partition(":")[0].lower().replace("-", "_")
+        if name not in DATASET_NAMES:
+            raise ConfigError(f"data.dataset={d.dataset!r} is not a known dataset; use one of "
+                              f"{', '.join(DATASET_NAMES)}, imagefolder:PATH or shards:DIR")
+
+    def check_environment(self) -> Config:
+        """Checks what depends on this machine, before a run starts: an explicit raw-dataset
+        ``data.data_path`` exists, and ``training.device`` is available. (Separate from
+        :meth:`validate`, so a config written elsewhere, e.g. in a checkpoint, still loads.)"""
+        import torch
+
+        from hjepa_core.data.shards.spec import shard_spec_from
+
+        d, device = self.data, self.training.device
+        if d.data_path and shard_spec_from(d.dataset, d.data_path) is None and not Path(d.data_path).exists():
+            raise ConfigError(f"data.data_path={d.data_path} does not exist; pass the folder holding the "
+                              f"dataset, or data.data_path=null for the default location")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"training.device={device} but CUDA is not available on this machine; "
+                              f"use training.device=cpu or auto")
         return self
 
     def build_mask_generator(self, seed: int | None = None):

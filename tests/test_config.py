@@ -45,6 +45,21 @@ def test_overrides_are_typed():
         ("masking.base_scale=[0.9,1.0]", "lower base_scale"),
         ("model.encoder=vit_huge", "model.encoder='vit_huge'"),
         ("training.lr", "must look like key=value"),
+        ("training.lr=inf", "training.lr must be a finite number > 0"),
+        ("training.lr=nan", "training.lr must be a finite number > 0"),
+        ("training.lr=0", "training.lr must be a finite number > 0"),
+        ("training.max_steps=0", "training.max_steps must be >= 1"),
+        ("data.max_samples=-5", "data.max_samples must be >= 1"),
+        ("training.grad_clip=-1", "training.grad_clip must be > 0"),
+        ("training.checkpoint_every_steps=-1", "training.checkpoint_every_steps must be >= 0"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0"),
+        ("data.knn_monitor_every=-1", "data.knn_monitor_every must be >= 0"),
+        ("loss.collapse_every=0", "loss.collapse_every must be >= 1"),
+        ("data.multicrop.global_crop_scale=[1.0,0.4]", "data.multicrop.global_crop_scale=[1.0, 0.4] must be"),
+        ("data.multicrop.local_crop_scale=[0.0,0.4]", "0 < low <= high <= 1"),
+        ("data.multicrop.local_crop_scale=[0.1,1.5]", "0 < low <= high <= 1"),
+        ("data.dataset=imagenet", "data.dataset='imagenet' is not a known dataset; use one of fashion_mnist"),
+        ("data.dataset=shards", "data.dataset: 'shards': say where the shards are"),
     ],
 )
 def test_bad_configs_name_the_key(override, message):
@@ -64,3 +79,23 @@ def test_missing_and_malformed_files(tmp_path):
     unknown.write_text("trainig:\n  lr: 1\n")
     with pytest.raises(ConfigError, match="did you mean 'training"):
         load_config(unknown)
+
+
+def test_valid_limits_and_dataset_spellings_load():
+    cfg = load_config(None, ["training.grad_clip=0", "training.max_steps=1", "data.max_samples=1",
+                             "data.dataset=imagefolder:/somewhere", "data.multicrop.local_crop_scale=[0.4,0.4]"])
+    assert cfg.training.grad_clip == 0 and cfg.data.max_samples == 1
+    assert load_config(None, ["data.dataset=shards:/x/manifest.json"]).data.dataset == "shards:/x/manifest.json"
+    assert load_config(None, ["data.dataset=Fashion-MNIST"]).data.dataset == "Fashion-MNIST"
+
+
+def test_environment_check_names_the_missing_path_and_device(tmp_path, monkeypatch):
+    import torch
+
+    with pytest.raises(ConfigError, match=r"data.data_path=/nonexistent does not exist; pass the folder"):
+        load_config(None, ["data.data_path=/nonexistent"]).check_environment()
+    assert load_config(None, [f"data.data_path={tmp_path}"]).check_environment()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_config(None, ["training.device=cuda"])  # a config written on a GPU box still loads
+    with pytest.raises(ConfigError, match=r"training\.device=cuda but CUDA is not available.*training\.device=cpu"):
+        cfg.check_environment()

@@ -115,6 +115,7 @@ class Trainer:
             warnings.warn("data.knn_monitor_every is set but no monitor was passed to train(); "
                           "pass monitor=EpochKnnMonitor(config) (hjepa_core.eval)", stacklevel=2)
         t = config.training
+        config.check_environment()
         self.device = resolve_device(t.device)
         self.dist: DistInfo = init_distributed(self.device.type)
         if self.device.type == "cuda":
@@ -318,7 +319,7 @@ class Trainer:
                     schedule = self._schedules()
                     set_schedule(self.optimizer, schedule["lr"], schedule["weight_decay"])
                     self.scaler.unscale_(self.optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
                     self.optimizer.zero_grad(set_to_none=True)

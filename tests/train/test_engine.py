@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hjepa_core.cli import main as cli_main
-from hjepa_core.config import load_config
+from hjepa_core.config import ConfigError, load_config
 from hjepa_core.tracking import TrackingUnavailableError
 from hjepa_core.train import train
 from tests.tiny import tiny_overrides
@@ -100,6 +100,13 @@ def test_cli_reports_bad_config(tmp_path, capsys):
     code = cli_main(["train", "--config", "configs/fashion_mnist.yaml", "training.bach_size=4"])
     assert code == 2
     assert "did you mean 'training.batch_size'" in capsys.readouterr().err
+
+
+def test_missing_data_path_fails_before_any_work(tmp_path):
+    cfg = load_config("configs/fashion_mnist.yaml", tiny_overrides(tmp_path / "run", "data.data_path=/nonexistent"))
+    with pytest.raises(ConfigError, match=r"data\.data_path=/nonexistent does not exist"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_seed_command_starts_on_cpu(tmp_path):
