@@ -6,6 +6,7 @@ import argparse
 import copy
 import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -21,10 +22,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="= training.lr")
     p.add_argument("--output_dir", help="= training.output_dir")
     p.add_argument("--resume", nargs="?", const="auto",
-                   help="resume from a checkpoint file/dir, or the newest in output_dir when given alone")
+                   help="resume from a checkpoint file/dir, or the newest in output_dir when given alone "
+                   "(or followed by a key=value override)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="any config key, e.g. masking.strategy=cross_crop_prediction")
+                   help="any config key, e.g. masking.strategy=cross_crop_prediction (anywhere on the line)")
     p.set_defaults(func=_run_train)
 
 
@@ -305,13 +307,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parses a command line. ``key=value`` overrides may stand anywhere, after flags too, and
+    ``--resume`` never takes one as its path: ``--resume training.lr=1e-4`` resumes from the
+    newest checkpoint (``auto``) with that override."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extras = parser.parse_known_args(argv)
+    stray = [t for t in extras if not (hasattr(args, "overrides") and _OVERRIDE.match(t))]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if not hasattr(args, "overrides"):
+        return args
+    found = Counter([*args.overrides, *extras])
+    if isinstance(getattr(args, "resume", None), str) and _OVERRIDE.match(args.resume):
+        found[args.resume] += 1
+        args.resume = "auto"
+    args.overrides = []
+    for token in argv:  # command-line order: a later override of one key wins
+        if found[token] > 0:
+            found[token] -= 1
+            args.overrides.append(token)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hjepa`` console script.
 
     Building the parser imports neither torch nor mlflow: each sub-command imports its library
     code when it runs, so ``hjepa --help`` answers at once.
     """
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from hjepa_core.config import ConfigError
     from hjepa_core.data.images import BadImageError
     from hjepa_core.data.sources import DatasetNotFoundError

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 HEAVY = ("torch", "torchvision", "mlflow", "kfp", "matplotlib", "webdataset")
@@ -53,3 +55,28 @@ def test_flags_take_the_underscore_and_the_hyphen_spelling() -> None:
     assert (train.batch_size, train.output_dir) == (8, "o")
     usage = parser._subparsers._group_actions[0].choices["shard"].format_usage()
     assert "--data_path" in usage and "--data-path" not in usage
+
+
+def test_overrides_stand_anywhere_and_resume_never_takes_one() -> None:
+    from hjepa_core.cli import parse_args
+
+    args = parse_args(["train", "a.b=1", "--lr", "1e-3", "c.d=2", "--epochs", "2", "a.b=3"])
+    assert (args.lr, args.epochs, args.overrides) == (1e-3, 2, ["a.b=1", "c.d=2", "a.b=3"])
+    args = parse_args(["train", "--resume", "training.lr=1", "--no-progress", "x.y=2"])
+    assert (args.resume, args.overrides) == ("auto", ["training.lr=1", "x.y=2"])
+    args = parse_args(["train", "--resume", "runs/lr=1/checkpoints", "x.y=2"])
+    assert (args.resume, args.overrides) == ("runs/lr=1/checkpoints", ["x.y=2"])
+    assert parse_args(["train", "--resume"]).resume == "auto"
+    assert parse_args(["train", "--resume", "auto", "x=1"]).resume == "auto"
+    args = parse_args(["pipeline", "run-local", "--epochs", "1", "training.lr=1"])
+    assert args.overrides == ["training.lr=1"]
+
+
+def test_stray_arguments_are_still_errors(capsys) -> None:
+    from hjepa_core.cli import parse_args
+
+    for argv in (["train", "--lr", "1", "a=1", "--bogus"], ["shard", "--source", "s", "--out", "o", "a=1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(argv)
+        assert exit_info.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
