@@ -42,7 +42,7 @@ from hjepa_core.utils import atomic_torch_save
 TokenFn = Callable[[Tensor], Tensor]
 """Maps normalised images (B, 3, S, S) to patch tokens (B, T, D)."""
 
-WEIGHT_DECAYS = tuple(float(x) for x in np.logspace(-6, -1, 6))
+WEIGHT_DECAYS = tuple(float(x) for x in np.logspace(-7, -1, 7))  # SSL features pick ~1e-6, pixels ~1e-2
 
 
 @dataclass

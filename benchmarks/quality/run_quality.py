@@ -13,7 +13,7 @@ sizes and schedules), and the budget-free baselines random init (same ViT, per s
 
 Results are cached per (variant, seed, budget) under ``--work_dir`` (a rerun with the same
 arguments skips finished runs; a finished training is reused when only its evaluation is
-missing). Writes ``OUT.json`` (every run, settings, machine, load averages, command),
+missing or the evaluation settings changed). Writes ``OUT.json`` (every run, settings, machine, load averages, command),
 ``OUT.md`` (table per budget + verdict) and ``OUT.png`` (accuracy vs budget; bars for one budget).
 
     python benchmarks/quality/run_quality.py                                  # CPU: 180 s x 3 seeds
@@ -139,15 +139,20 @@ class Run:
     def kind(self) -> str:
         return self.variant if self.variant in SPECIAL else "hjepa"
 
-    def key(self, args: argparse.Namespace) -> dict[str, Any]:
-        """Everything the result depends on."""
+    def train_key(self, args: argparse.Namespace) -> dict[str, Any]:
+        """Everything the training depends on."""
         return {"variant": self.variant, "kind": self.kind, "seed": self.seed, "budget": self.budget,
                 "overrides": self.overrides, "config": args.config,
-                "config_sha256": hashlib.sha256(Path(args.config).read_bytes()).hexdigest(),
-                "eval": dataclasses.asdict(eval_settings(args))}
+                "config_sha256": hashlib.sha256(Path(args.config).read_bytes()).hexdigest()}
 
-    def slug(self, args: argparse.Namespace) -> str:
-        digest = hashlib.sha256(json.dumps(self.key(args), sort_keys=True).encode()).hexdigest()[:10]
+    def key(self, args: argparse.Namespace) -> dict[str, Any]:
+        """Everything the result depends on: the training and the evaluation settings."""
+        return {**self.train_key(args), "eval": dataclasses.asdict(eval_settings(args))}
+
+    def slug(self, args: argparse.Namespace, train_only: bool = False) -> str:
+        """File-name stem: variant, seed, budget and a digest of the (training) key."""
+        key = self.train_key(args) if train_only else self.key(args)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
         return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', self.variant)}-s{self.seed}-b{self.budget:g}-{digest}"
 
 
@@ -202,7 +207,8 @@ def _train(run: Run, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
 
 def execute(run: Run, args: argparse.Namespace, images: ie.EvalImages) -> dict[str, Any]:
     """Trains (if needed) and evaluates one run; returns its result record."""
-    settings, device = eval_settings(args), eval_settings(args).device
+    settings = eval_settings(args)
+    device = settings.device
     load_start = os.getloadavg()
     start = time.perf_counter()
     record: dict[str, Any] = {"variant": run.variant, "kind": run.kind, "seed": run.seed, "budget": run.budget,
@@ -214,7 +220,7 @@ def execute(run: Run, args: argparse.Namespace, images: ie.EvalImages) -> dict[s
         encoder = build_encoder(load_config(args.config, run.overrides).model).requires_grad_(False).eval()
         record["target"] = ie.evaluate_tokens(encoder.to(device), images, settings)
     else:
-        run_dir = Path(args.work_dir) / "runs" / run.slug(args)
+        run_dir = Path(args.work_dir) / "runs" / run.slug(args, train_only=True)  # shared by eval settings
         record.update(_train(run, args, run_dir), run_dir=str(run_dir))
         record["images_per_s"] = record["images_seen"] / max(record["train_seconds"], 1e-9)
         eval_start = time.perf_counter()
