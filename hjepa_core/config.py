@@ -96,6 +96,7 @@ class LossConfig:
     type: str = "smooth_l1"
     hierarchy_weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
     local_weight: float = 1.0
+    image_weight: float = 1.0
     vicreg_weight: float = 0.0
     collapse_every: int = 50
 

@@ -4,7 +4,8 @@ One forward pass over a :class:`~hjepa_core.data.MultiCropBatch`:
 
 1. The EMA target encoder embeds the full global crops; targets are layer-normed tokens,
    average-pooled over 2^k x 2^k windows (and layer-normed again) for level k. The top of the
-   hierarchy is the *image level*: a global crop's layer-normed mean target token.
+   hierarchy is the *image level*: a global crop's layer-normed mean target token, which the
+   predictor also predicts from each global context, for every global view of the image.
 2. The context encoder embeds the global crops' context patches (all global crops in one
    call) and the local crops that take part (all local crops in one call).
 3. The predictor sees the global context (plus context-role local tokens under
@@ -67,6 +68,8 @@ class HJEPA(nn.Module):
         hierarchy_weights: loss weight of each level.
         loss_type: ``smooth_l1`` or ``mse``.
         local_weight: weight of the local-crop terms (local -> image level; cross-crop prediction).
+        image_weight: weight of the image-level prediction from the global crops' contexts (each
+            context predicts every global view's image-level target: cross-view when n_g >= 2).
         vicreg_weight: weight of VICReg on pooled context embeddings of two global views.
     """
 
@@ -77,6 +80,7 @@ class HJEPA(nn.Module):
         hierarchy_weights: list[float],
         loss_type: str = "smooth_l1",
         local_weight: float = 1.0,
+        image_weight: float = 1.0,
         vicreg_weight: float = 0.0,
     ) -> None:
         super().__init__()
@@ -87,6 +91,7 @@ class HJEPA(nn.Module):
         self.hierarchy_weights = list(hierarchy_weights)
         self.loss_type = loss_type
         self.local_weight = local_weight
+        self.image_weight = image_weight
         self.vicreg_weight = vicreg_weight
 
     def train(self, mode: bool = True) -> HJEPA:
@@ -167,6 +172,10 @@ class HJEPA(nn.Module):
             queries.append((_per_image(positions, len(target_roles), b, n_g), 0))
             answers.append(("loss/cross_crop", self.local_weight,
                             _per_image(local_targets, len(target_roles), b, n_g)))
+        image_targets, image_queries = self._image_level(target_tokens, boxes, flips, n_g, b)
+        if self.image_weight > 0:
+            queries.append((image_queries.repeat(n_g, 1, 1), self.image_level))
+            answers.append(("loss/image", self.image_weight, image_targets.repeat(n_g, 1, 1)))
 
         predictions = self.predictor(torch.cat(pred_context, 1), torch.cat(pred_positions, 1), queries)
         parts: dict[str, Tensor] = {}
@@ -176,8 +185,10 @@ class HJEPA(nn.Module):
             total = total + weight * parts[name]
 
         if local_tokens is not None:
-            parts["loss/local"] = self._local_to_image(local_tokens, local_positions, target_tokens,
-                                                       boxes, flips, n_g, b)
+            repeat = local_tokens.shape[0] // b
+            (prediction,) = self.predictor(local_tokens, local_positions,
+                                           [(image_queries.repeat(repeat, 1, 1), self.image_level)])
+            parts["loss/local"] = prediction_loss(prediction, image_targets.repeat(repeat, 1, 1), self.loss_type)
             total = total + self.local_weight * parts["loss/local"]
         if self.vicreg_weight > 0 and n_g >= 2:
             pooled = context.float().mean(dim=1)
@@ -187,31 +198,13 @@ class HJEPA(nn.Module):
         pooled_targets = target_tokens.float().mean(dim=1)
         return HJEPAOutput(total, parts, pooled_targets)
 
-    def _local_to_image(
-        self,
-        local_tokens: Tensor,
-        local_positions: Tensor,
-        target_tokens: Tensor,
-        global_boxes: Tensor,
-        global_flips: Tensor,
-        n_g: int,
-        b: int,
-    ) -> Tensor:
-        """Predicts, from each local crop alone, every global crop's image-level target.
-
-        Args:
-            local_tokens: (L*B, T, D) context-encoder tokens of L local crops, crop-major.
-            local_positions: (L*B, T, 4) their source-frame positions.
-            target_tokens: (n_g*B, T_g, D) layer-normed target tokens of the global crops.
-            global_boxes, global_flips: (n_g*B, 4) and (n_g*B,) global crop geometry.
-        """
-        image_targets = _layer_norm(target_tokens.float().mean(dim=1)).view(n_g, b, -1).transpose(0, 1)
-        whole_crop = source_positions(global_boxes, global_flips, side=1)  # (n_g*B, 1, 4)
-        queries = whole_crop.view(n_g, b, 4).transpose(0, 1)  # (B, n_g, 4)
-        repeat = local_tokens.shape[0] // b
-        (prediction,) = self.predictor(local_tokens, local_positions,
-                                       [(queries.repeat(repeat, 1, 1), self.image_level)])
-        return prediction_loss(prediction, image_targets.repeat(repeat, 1, 1), self.loss_type)
+    @staticmethod
+    def _image_level(target_tokens: Tensor, boxes: Tensor, flips: Tensor, n_g: int, b: int) -> tuple[Tensor, Tensor]:
+        """Image-level targets and their queries, per image: (B, n_g, D) layer-normed mean target
+        tokens of its global crops, and (B, n_g, 4) each crop's whole box in the source frame."""
+        targets = _layer_norm(target_tokens.float().mean(dim=1)).view(n_g, b, -1).transpose(0, 1)
+        whole_crop = source_positions(boxes, flips, side=1)  # (n_g*B, 1, 4)
+        return targets, whole_crop.view(n_g, b, 4).transpose(0, 1)
 
     @property
     def image_level(self) -> int:
@@ -239,5 +232,6 @@ def build_hjepa(config) -> HJEPA:
         hierarchy_weights=config.loss.hierarchy_weights,
         loss_type=config.loss.type,
         local_weight=config.loss.local_weight,
+        image_weight=config.loss.image_weight,
         vicreg_weight=config.loss.vicreg_weight,
     )

@@ -123,3 +123,16 @@ def test_local_crops_are_encoded_from_their_kept_patches_only():
 
     assert torch.allclose(perturbed(dropped[0]), base)
     assert not torch.allclose(perturbed(int(keep[0, 0])), base)
+
+
+@pytest.mark.parametrize("multicrop", [True, False])
+def test_image_level_prediction_from_global_contexts_changes_the_gradient(multicrop):
+    cfg = tiny_config("global_only", f"data.use_multicrop={str(multicrop).lower()}")
+    torch.manual_seed(0)
+    model = build_hjepa(cfg)
+    batch = first_batch(cfg)
+    assert torch.isfinite(model(batch).parts["loss/image"])
+    full = encoder_grad(model, batch)
+    model.image_weight = 0.0
+    assert not torch.allclose(full, encoder_grad(model, batch))
+    assert "loss/image" not in model(batch).parts
