@@ -341,16 +341,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     code when it runs, so ``hjepa --help`` answers at once.
     """
     args = parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as exc:
+        print(f"hjepa {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The library's errors that mean bad input: one line on stderr and exit code 2, no traceback
+    (their messages name the file, key or path and the fix); anything else is a bug and keeps
+    its traceback."""
     from hjepa_core.config import ConfigError
     from hjepa_core.data.images import BadImageError
     from hjepa_core.data.sources import DatasetNotFoundError
+    from hjepa_core.eval import EvalError
+    from hjepa_core.masks import MaskConfigError
     from hjepa_core.tracking import TrackingUnavailableError
+    from hjepa_core.train.checkpoint import CheckpointError
+    from hjepa_core.utils import DiskFullError
 
-    try:
-        return int(args.func(args) or 0)
-    except (ConfigError, DatasetNotFoundError, TrackingUnavailableError, BadImageError, FileNotFoundError) as exc:
-        print(f"hjepa {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return (ConfigError, MaskConfigError, DatasetNotFoundError, TrackingUnavailableError, BadImageError,
+            CheckpointError, EvalError, DiskFullError, FileNotFoundError)
 
 
 if __name__ == "__main__":

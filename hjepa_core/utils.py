@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import secrets
@@ -26,12 +27,33 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
+class DiskFullError(OSError):
+    """A file could not be written because its disk is full; the message names the file."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(f"no space left on device writing {path}; free space there or write elsewhere")
+        self.path = Path(path)
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` or what led to it is ENOSPC (or ``torch.save``'s "unexpected pos", the
+    form a short write takes in its zip writer)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if isinstance(error, RuntimeError) and "unexpected pos" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class AtomicFile:
     """A file written under a hidden temporary name beside ``path`` (``.NAME.PID-RANDOM.tmp``).
 
     :meth:`commit` flushes, fsyncs and renames it over ``path``; :meth:`abort` deletes it. As a
     context manager it commits on success and aborts on an exception, so readers see the old
-    file or the whole new one, never a part, and a crash leaves at most a hidden temporary.
+    file or the whole new one, never a part, and a crash leaves at most a hidden temporary. A full
+    disk is a :class:`DiskFullError` naming ``path``.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -65,10 +87,17 @@ class AtomicFile:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
-        if kind is None:
-            self.commit()
-        else:
+        if kind is not None:
             self.abort()
+            if _disk_full(error):
+                raise DiskFullError(self.path) from error
+            return
+        try:
+            self.commit()
+        except OSError as exc:
+            if _disk_full(exc):
+                raise DiskFullError(self.path) from exc
+            raise
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -80,3 +80,106 @@ def test_stray_arguments_are_still_errors(capsys) -> None:
             parse_args(argv)
         assert exit_info.value.code == 2
         assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def _error_line(capsys, command: str) -> str:
+    """The stderr of a failed command: exactly one line, ``hjepa COMMAND: error: ...``."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"hjepa {command}: error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A two-step tiny run with a checkpoint per step."""
+    from hjepa_core.cli import main
+    from tests.tiny import tiny_overrides
+
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--config", "configs/fashion_mnist.yaml", "--no-progress",
+                 *tiny_overrides(out, "training.max_steps=2", "training.checkpoint_every_steps=1")]) == 0
+    return out
+
+
+def _train(out: Path, *extra: str) -> int:
+    from hjepa_core.cli import main
+    from tests.tiny import tiny_overrides
+
+    return main(["train", "--config", "configs/fashion_mnist.yaml", "--no-progress", *tiny_overrides(out, *extra)])
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("zero-byte", "checkpoint-00000002.pt: not a readable hjepa checkpoint"),
+    ("truncated", "checkpoint-00000002.pt: not a readable hjepa checkpoint"),
+    ("foreign", "encoder.pt is not an hjepa training checkpoint (no model, optimizer"),
+    ("other size", "checkpoint-00000002.pt was written for another model"),
+])
+def test_bad_resume_checkpoints_are_one_line(trained, tmp_path, capsys, case, message) -> None:
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    path = copy / ("encoder.pt" if case == "foreign" else "checkpoints/checkpoint-00000002.pt")
+    if case in ("zero-byte", "truncated"):
+        path.write_bytes(path.read_bytes()[:200] if case == "truncated" else b"")
+    extra = ["model.embed_dim=64"] if case == "other size" else []
+    assert _train(tmp_path / "new", "training.max_steps=3", *extra, f"--resume={path}") == 2
+    assert message in _error_line(capsys, "train")
+
+
+def test_resume_alone_skips_unloadable_checkpoints_and_stale_temps(trained, tmp_path, capsys) -> None:
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    (copy / "checkpoints" / "checkpoint-00000002.pt").write_bytes(b"")
+    stale = copy / "checkpoints" / ".checkpoint-00000003.pt.99-abcd.tmp"
+    stale.write_bytes(b"partial")
+    with pytest.warns(UserWarning, match=r"skipped unloadable checkpoint\(s\) checkpoint-00000002.pt; "
+                                         r"resuming from .*checkpoint-00000001.pt"):
+        assert _train(copy, "training.max_steps=3", "--resume") == 0
+    assert "trained 3 steps" in capsys.readouterr().out and not stale.exists()
+
+
+def test_full_disk_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch) -> None:
+    import errno
+
+    import torch
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    assert _train(tmp_path, "training.max_steps=1") == 2
+    line = _error_line(capsys, "train")
+    assert f"no space left on device writing {tmp_path / 'checkpoints' / 'checkpoint-00000001.pt'}" in line
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("training.device=cuda", "training.device=cuda but CUDA is not available on this machine; use training.device"),
+    ("data.dataset=imagenet", "data.dataset='imagenet' is not a known dataset"),
+    ("data.multicrop.global_crop_scale=[1.0,0.3]", "data.multicrop.global_crop_scale=[1.0, 0.3] must be"),
+    ("data.data_path=/nonexistent", "data.data_path=/nonexistent does not exist"),
+    ("masking.min_context_patches=1000", "masking: "),
+])
+def test_setting_errors_are_one_line(tmp_path, capsys, monkeypatch, override, message) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _train(tmp_path, override) == 2
+    assert message in _error_line(capsys, "train")
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("case", ["zero-byte", "truncated", "foreign"])
+def test_evaluate_bad_checkpoints_are_one_line(tmp_path, capsys, case) -> None:
+    import torch
+
+    from hjepa_core.cli import main
+
+    path = tmp_path / "encoder.pt"
+    torch.save({"weights": torch.zeros(64)}, path)
+    if case != "foreign":
+        path.write_bytes(path.read_bytes()[:100] if case == "truncated" else b"")
+    assert main(["evaluate", "--checkpoint", str(path), "--no-progress", "--no-tracking"]) == 2
+    assert str(path) in _error_line(capsys, "evaluate")

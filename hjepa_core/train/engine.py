@@ -24,14 +24,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from hjepa_core.config import Config
+from hjepa_core.config import Config, ConfigError
 from hjepa_core.data.multicrop_dataset import MultiCropBatch, build_multicrop_dataloader, build_multicrop_dataset
 from hjepa_core.losses import collapse_metrics
 from hjepa_core.models.hjepa import HJEPA, build_hjepa
 from hjepa_core.models.vit import VisionTransformer
 from hjepa_core.plots import plot_curves
 from hjepa_core.tracking import start_tracker
-from hjepa_core.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from hjepa_core.train.checkpoint import CheckpointError, load_resume, remove_stale_temps, save_checkpoint
 from hjepa_core.train.distributed import DistInfo, init_distributed, shutdown_distributed
 from hjepa_core.train.optim import build_optimizer, set_schedule
 from hjepa_core.train.schedules import cosine_schedule, ema_momentum
@@ -148,7 +148,7 @@ class Trainer:
         self.batches_per_epoch = len(self.loader)
         self.steps_per_epoch = self.batches_per_epoch // t.accumulation_steps
         if self.steps_per_epoch < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"one epoch has {self.batches_per_epoch} batches, fewer than training.accumulation_steps="
                 f"{t.accumulation_steps}; lower accumulation_steps or batch_size"
             )
@@ -172,10 +172,11 @@ class Trainer:
         self.next_batch = 0
         self.history: list[dict[str, float]] = []
         self._monitor_step = -1
-        if resume:
-            path = resolve_resume(resume, self.output_dir)
-            if path is not None:
-                self._load(path)
+        if self.dist.is_main:
+            remove_stale_temps(self.output_dir / "checkpoints")
+        found = load_resume(resume, self.output_dir) if resume else None
+        if found is not None:
+            self._load(*found)
         if t.compile:
             self.model.encoder.compile()
             self.model.predictor.compile()
@@ -203,13 +204,14 @@ class Trainer:
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def _load(self, path: Path) -> None:
-        state = load_checkpoint(path)
+    def _load(self, path: Path, state: dict[str, Any]) -> None:
         try:
             self.model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise ValueError(f"{path} does not match this config's model ({exc}); resume with its own config") from exc
-        self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as exc:
+            detail = " ".join(str(exc).split())
+            raise CheckpointError(f"{path} was written for another model ({detail[:160]}...); resume with the "
+                                  "config it was trained with (config.yaml beside it)") from exc
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.next_batch = state["step"], state["epoch"], state["next_batch"]
         self.history = list(state.get("history", []))

@@ -1,7 +1,6 @@
 import pytest
-import torch
 
-from hjepa_core.train.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
+from hjepa_core.train.checkpoint import TRAINING_KEYS, list_checkpoints, load_resume, save_checkpoint
 from hjepa_core.train.optim import parameter_groups
 from hjepa_core.train.schedules import cosine_schedule, ema_momentum
 
@@ -36,11 +35,12 @@ def test_no_weight_decay_on_norms_biases_tokens():
 
 def test_checkpoints_keep_last_and_resolve(tmp_path):
     for step in (1, 2, 3, 4):
-        save_checkpoint({"step": torch.tensor(step)}, tmp_path / "checkpoints", step, keep_last=2)
+        save_checkpoint({**dict.fromkeys(TRAINING_KEYS, 0), "step": step}, tmp_path / "checkpoints", step,
+                        keep_last=2)
     (tmp_path / "checkpoints" / ".checkpoint-00000009.pt.abc.tmp").write_bytes(b"partial")
     names = [p.name for p in list_checkpoints(tmp_path / "checkpoints")]
     assert names == ["checkpoint-00000003.pt", "checkpoint-00000004.pt"]
-    assert resolve_resume("auto", tmp_path).name == "checkpoint-00000004.pt"
-    assert resolve_resume("auto", tmp_path / "empty") is None
+    assert load_resume("auto", tmp_path)[0].name == "checkpoint-00000004.pt"
+    assert load_resume("auto", tmp_path / "empty") is None
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        resolve_resume(tmp_path / "missing.pt", tmp_path)
+        load_resume(tmp_path / "missing.pt", tmp_path)
