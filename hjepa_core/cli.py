@@ -359,10 +359,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from hjepa_core.masks import MaskConfigError
     from hjepa_core.tracking import TrackingUnavailableError
     from hjepa_core.train.checkpoint import CheckpointError
-    from hjepa_core.utils import DiskFullError
+    from hjepa_core.utils import DiskFullError, RunLockedError
 
     return (ConfigError, MaskConfigError, DatasetNotFoundError, TrackingUnavailableError, BadImageError,
-            CheckpointError, EvalError, DiskFullError, FileNotFoundError)
+            CheckpointError, EvalError, DiskFullError, RunLockedError, FileNotFoundError)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -117,6 +119,41 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     with AtomicFile(path) as out:
         torch.save(obj, out.file)
     return Path(path)
+
+
+RUN_LOCK_NAME = ".hjepa-run.lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds a directory's run lock; the message names its PID."""
+
+
+@contextlib.contextmanager
+def run_lock(directory: str | Path) -> Iterator[Path]:
+    """Holds an exclusive ``flock`` on ``DIRECTORY/.hjepa-run.lock`` (this PID written in it) for
+    the block, so one run at a time writes to ``directory``; the kernel frees it if we die.
+
+    Raises:
+        RunLockedError: another process holds it (at once, without waiting).
+    """
+    import fcntl
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / RUN_LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunLockedError(f"{directory} is in use by another run (PID {holder}, lock {path}); wait "
+                                 "for it to finish, stop it, or use another output directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -183,3 +183,16 @@ def test_evaluate_bad_checkpoints_are_one_line(tmp_path, capsys, case) -> None:
         path.write_bytes(path.read_bytes()[:100] if case == "truncated" else b"")
     assert main(["evaluate", "--checkpoint", str(path), "--no-progress", "--no-tracking"]) == 2
     assert str(path) in _error_line(capsys, "evaluate")
+
+
+def test_second_run_on_one_output_dir_fails_at_once(tmp_path, capsys) -> None:
+    from tests.test_utils import hold_lock
+
+    child = hold_lock(tmp_path)
+    try:
+        assert _train(tmp_path, "training.max_steps=1") == 2
+        assert f"is in use by another run (PID {child.pid}" in _error_line(capsys, "train")
+        assert not (tmp_path / "config.yaml").exists()
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)

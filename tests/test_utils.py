@@ -1,6 +1,7 @@
 """Shared helpers: atomic writes report a full disk with the file's path."""
 
 import errno
+import os
 
 import pytest
 import torch
@@ -38,3 +39,30 @@ def test_other_errors_pass_through(tmp_path):
         out.write(b"x")
         raise ZeroDivisionError
     assert list(tmp_path.iterdir()) == []
+
+
+def hold_lock(directory):
+    """A child process that holds ``directory``'s run lock until its stdin closes."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom hjepa_core.utils import run_lock\n"
+            f"with run_lock({str(directory)!r}):\n    print('held', flush=True)\n    sys.stdin.read()\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def test_run_lock_is_one_holder_at_a_time(tmp_path):
+    from hjepa_core.utils import RunLockedError, run_lock
+
+    child = hold_lock(tmp_path / "out")
+    try:
+        with (pytest.raises(RunLockedError, match=rf"out is in use by another run \(PID {child.pid}, lock "),
+              run_lock(tmp_path / "out")):
+            pass
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+    with run_lock(tmp_path / "out") as path:  # free again once the holder has gone
+        assert path.read_text() == f"{os.getpid()}\n"

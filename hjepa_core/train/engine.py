@@ -35,7 +35,7 @@ from hjepa_core.train.checkpoint import CheckpointError, load_resume, remove_sta
 from hjepa_core.train.distributed import DistInfo, init_distributed, shutdown_distributed
 from hjepa_core.train.optim import build_optimizer, set_schedule
 from hjepa_core.train.schedules import cosine_schedule, ema_momentum
-from hjepa_core.utils import atomic_torch_save, atomic_write_text
+from hjepa_core.utils import atomic_torch_save, atomic_write_text, rank_world, run_lock
 
 ENCODER_FILE = "encoder.pt"
 METRICS_FILE = "metrics.json"
@@ -115,7 +115,6 @@ class Trainer:
             warnings.warn("data.knn_monitor_every is set but no monitor was passed to train(); "
                           "pass monitor=EpochKnnMonitor(config) (hjepa_core.eval)", stacklevel=2)
         t = config.training
-        config.check_environment()
         self.device = resolve_device(t.device)
         self.dist: DistInfo = init_distributed(self.device.type)
         if self.device.type == "cuda":
@@ -425,12 +424,16 @@ class Trainer:
 def train(config: Config, resume: str | None = None, progress: bool = True,
           monitor: EpochMonitor | None = None) -> TrainResult:
     """Trains H-JEPA as ``config`` says; resumes from ``resume`` (a path or ``auto``); runs
-    ``monitor`` on the target encoder as ``data.knn_monitor_every`` says."""
-    trainer = Trainer(config, resume=resume, progress=progress, monitor=monitor)
-    try:
-        return trainer.run()
-    except BaseException:
-        trainer.tracker.finish("FAILED")
-        raise
-    finally:
-        shutdown_distributed()
+    ``monitor`` on the target encoder as ``data.knn_monitor_every`` says. The main process holds
+    the output directory's run lock throughout (a second run there fails at once)."""
+    config.check_environment()
+    main_process = rank_world()[0] == 0
+    with run_lock(config.training.output_dir) if main_process else contextlib.nullcontext():
+        trainer = Trainer(config, resume=resume, progress=progress, monitor=monitor)
+        try:
+            return trainer.run()
+        except BaseException:
+            trainer.tracker.finish("FAILED")
+            raise
+        finally:
+            shutdown_distributed()
