@@ -305,6 +305,7 @@ def _pm(stat: tuple[float, float] | None, scale: float = 100.0, digits: int = 1)
 def markdown(result: dict[str, Any]) -> str:
     """The report: settings, one table per budget, the verdict, the command."""
     s, ev = result["settings"], result["settings"]["eval"]
+    decays = ", ".join(f"{w:.0e}" for w in ev["weight_decays"])
     lines = [
         "# Quality benchmark: H-JEPA variants at equal wall-clock",
         "",
@@ -313,14 +314,15 @@ def markdown(result: dict[str, Any]) -> str:
         "(mean ± std over seeds)",
         f"- evaluation (independent_eval.py): {ev['num_train']} train / {ev['num_test']} test Fashion-MNIST "
         f"images at {ev['crop_size']} px; mean-pooled patch tokens; L-BFGS logistic probe on standardised "
-        f"features, weight decay from {ev['weight_decays']} picked on a {ev['holdout_fraction']:.0%} hold-out; "
+        f"features, weight decay from {decays} picked on a {ev['holdout_fraction']:.0%} hold-out; "
         f"weighted kNN k={ev['knn_k']}, cosine, T={ev['knn_temperature']}; effective rank (RankMe) on "
         f"{min(ev['num_train'], ev['rank_samples'])} train features",
         f"- machine: {result['machine']['summary']}; load average (1 min) {result['loadavg_start'][0]:.2f} at start, "
         f"{result['loadavg_end'][0]:.2f} at end; total {result['total_seconds'] / 60:.1f} min",
         "",
-        "Step cost ratio = images/s of single-crop / images/s of the variant. Random init and raw pixels "
-        "do not train (the same numbers at every budget).",
+        "Step cost ratio = images/s of single-crop / images/s of the variant, images/s = images seen / training "
+        "seconds (data-loader start-up included, as in the budget). Random init and raw pixels do not train "
+        "(the same numbers at every budget).",
     ]
     for budget, rows in result["summary"].items():
         lines += ["", f"## Budget {budget} s", "",
