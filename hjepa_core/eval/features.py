@@ -11,8 +11,8 @@ image. Poolings (``pooling=``):
   averaged over the level's cells. ``levels`` concatenates every level.
 
 Features are cached as ``.pt`` files keyed by everything that determines them (checkpoint sha256
-or baseline identity, dataset, split, subset size, crop size and pooling), so a second evaluation
-of the same checkpoint skips extraction.
+or baseline identity, dataset and a fingerprint of its files, split, subset size, crop size and
+pooling), so a second evaluation of the same checkpoint on the same data skips extraction.
 """
 
 from __future__ import annotations
@@ -321,6 +321,35 @@ def extract_features(
     if not features:
         raise EvalError(f"{desc}: the dataset is empty")
     return torch.cat(features), torch.cat(labels).long()
+
+
+def data_fingerprint(dataset: str, data_path: str | None, split: str) -> str:
+    """A digest of the data a split is read from, so the cache never serves features of replaced
+    files: for shards, the split's manifest entry (which holds its shards' sha256) and each local
+    shard's path, size and mtime; for raw datasets, the path, size and mtime of every file in the
+    folder."""
+    from hjepa_core.data.shards import resolve_shards, shard_spec_from
+    from hjepa_core.data.shards.spec import local_path
+    from hjepa_core.data.sources import find_fashion_mnist
+
+    def stat(path: Path) -> list[Any]:
+        info = path.stat()
+        return [str(path), info.st_size, info.st_mtime_ns]
+
+    spec = shard_spec_from(dataset, data_path)
+    if spec is not None:
+        shards = resolve_shards(spec, split)
+        files = [stat(p) if (p := local_path(url)) is not None else [url] for url in shards.urls]
+        parts: list[Any] = [shards.split_info, files]
+    else:
+        name, _, inline = dataset.partition(":")
+        root = inline or data_path
+        if name.lower().replace("-", "_") == "fashion_mnist":
+            root = find_fashion_mnist(root)
+        folder = Path(root).resolve() if root else None
+        files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder and folder.is_dir() else []
+        parts = [str(folder), [stat(p) for p in files]]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class FeatureCache:

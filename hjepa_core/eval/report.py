@@ -27,6 +27,7 @@ from hjepa_core.eval.features import (
     FeatureCache,
     LoadedEncoder,
     check_pooling,
+    data_fingerprint,
     extract_features,
     load_encoder,
     open_source,
@@ -298,6 +299,7 @@ def _run(
         )
         identities["pixels"] = (None, {"kind": "pixels", "pixel_size": settings.pixel_size})
     splits = {"train": (train_source, settings.max_train_samples), "test": (test_source, settings.max_test_samples)}
+    fingerprints = {split: data_fingerprint(dataset, data_path, split) for split in splits}
     methods: dict[str, dict[str, Any]] = {}
     labels: dict[str, Tensor] = {}
     classes: list[str] = []
@@ -306,7 +308,7 @@ def _run(
         start = time.perf_counter()
         feats: dict[str, Tensor] = {}
         for split, (source, max_samples) in splits.items():
-            key = {**identity, **data_key, "split": split, "max_samples": max_samples}
+            key = {**identity, **data_key, "split": split, "max_samples": max_samples, "data": fingerprints[split]}
             compute = functools.partial(
                 extract_features, encoder, source, crop, pooling=pooling, levels=loaded.levels, device=device,
                 batch_size=settings.batch_size, num_workers=settings.num_workers, progress=settings.progress,

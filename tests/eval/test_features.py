@@ -108,3 +108,17 @@ def test_wrong_dataset_is_a_clear_error():
         open_source("mnist_typo")
     with pytest.raises(EvalError, match="split"):
         open_source("fashion_mnist", split="validation")
+
+
+def test_data_fingerprint_follows_the_files(tmp_path, image_folder):
+    import os
+
+    from hjepa_core.eval.features import data_fingerprint
+
+    root = image_folder(per_class=2, classes=("a", "b"))
+    first = data_fingerprint(f"imagefolder:{root}", None, "train")
+    assert data_fingerprint("imagefolder", str(root), "test") == first
+    os.utime(root / "a" / "0.png", ns=(1, 1))
+    touched = data_fingerprint(f"imagefolder:{root}", None, "train")
+    (root / "b" / "new.png").write_bytes((root / "b" / "0.png").read_bytes())
+    assert len({first, touched, data_fingerprint(f"imagefolder:{root}", None, "train")}) == 3

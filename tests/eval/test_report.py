@@ -80,3 +80,29 @@ def test_single_class_dataset_is_rejected(tmp_path, tiny_checkpoint, image_folde
     with pytest.raises(EvalError, match="fewer than 2 classes"):
         evaluate(tiny_checkpoint, fast_settings(tmp_path, dataset=f"imagefolder:{root}", max_train_samples=None,
                                                 max_test_samples=None))
+
+
+def test_cache_misses_when_images_are_replaced_in_place(tmp_path, tiny_checkpoint, image_folder):
+    from tests.conftest import smooth_image
+
+    root = image_folder(per_class=4, classes=("a", "b"))
+    settings = fast_settings(tmp_path, dataset=f"imagefolder:{root}", max_train_samples=None,
+                             max_test_samples=None, baselines=False)
+    assert evaluate(tiny_checkpoint, settings)["cache"]["misses"] == 2
+    assert evaluate(tiny_checkpoint, settings)["cache"]["hits"] == 2
+    smooth_image(36, 30, seed=99).save(root / "a" / "0.png")  # same name, new picture
+    assert evaluate(tiny_checkpoint, settings)["cache"] == {"hits": 0, "misses": 2, "dir": settings.cache_dir}
+
+
+def test_cache_misses_when_a_split_is_resharded_in_place(tmp_path, tiny_checkpoint):
+    from hjepa_core.data.shards import write_shards
+
+    shards = tmp_path / "shards"
+    write_shards("fashion_mnist", shards, "train", max_samples=60, progress=False)
+    write_shards("fashion_mnist", shards, "test", max_samples=40, progress=False)
+    settings = fast_settings(tmp_path, dataset=f"shards:{shards}", max_train_samples=None, max_test_samples=None,
+                             baselines=False)
+    assert evaluate(tiny_checkpoint, settings)["cache"]["misses"] == 2
+    write_shards("fashion_mnist", shards, "test", max_samples=40, seed=1, progress=False)
+    again = evaluate(tiny_checkpoint, settings)["cache"]
+    assert (again["hits"], again["misses"]) == (1, 1)  # train unchanged, test re-extracted
