@@ -224,11 +224,11 @@ class Config:
         for key, value in (("training.max_steps", t.max_steps), ("data.max_samples", self.data.max_samples)):
             if value is not None and value < 1:
                 raise ConfigError(f"{key} must be >= 1 (or null for no limit), got {value}")
-        for key, value in (("training.checkpoint_every_steps", t.checkpoint_every_steps),
-                           ("data.num_workers", self.data.num_workers),
-                           ("data.knn_monitor_every", self.data.knn_monitor_every)):
+        for key, value, zero in (("training.checkpoint_every_steps", t.checkpoint_every_steps, "only at the end"),
+                                 ("data.num_workers", self.data.num_workers, "load in the main process"),
+                                 ("data.knn_monitor_every", self.data.knn_monitor_every, "no monitor")):
             if value < 0:
-                raise ConfigError(f"{key} must be >= 0 (0 turns it off), got {value}")
+                raise ConfigError(f"{key} must be >= 0 (0: {zero}), got {value}")
         if self.loss.collapse_every < 1:
             raise ConfigError(f"loss.collapse_every must be >= 1, got {self.loss.collapse_every}")
         for key in ("global_crop_scale", "local_crop_scale"):
