@@ -54,8 +54,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"{path}: not a readable hjepa checkpoint ({type(exc).__name__}: {reason}); "
+        reason = " ".join(str(exc).split()).split(". ")[0]  # torch's first sentence says it all
+        detail = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable hjepa checkpoint ({detail}); "
                               "it is truncated, empty or not a torch file") from exc
 
 

@@ -208,7 +208,7 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError) as exc:
-            detail = " ".join(str(exc).split())
+            detail = " ".join(str(exc).split()).removeprefix("Error(s) in loading state_dict for HJEPA: ")
             raise CheckpointError(f"{path} was written for another model ({detail[:160]}...); resume with the "
                                   "config it was trained with (config.yaml beside it)") from exc
         self.scaler.load_state_dict(state["scaler"])
