@@ -60,6 +60,19 @@ def run_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score_table(evaluation: dict[str, Any]) -> str:
+    """Probe and kNN top-1 of the trained encoder beside the baselines, as a small text table."""
+    methods = evaluation.get("methods", {})
+    names = {"encoder": f"trained encoder ({evaluation.get('selected_encoder', 'target')})",
+             "random_init": "random init (same ViT)", "pixels": "raw pixels"}
+    lines = [f"{'':28s} {'probe top-1':>12s} {'kNN top-1':>10s}"]
+    for key, label in names.items():
+        if key in methods:
+            probe, knn = methods[key]["probe"]["top1"], methods[key]["knn"]["top1"]
+            lines.append(f"{label:28s} {100 * probe:11.2f}% {100 * knn:9.2f}%")
+    return "\n".join(lines)
+
+
 def run_local_command(args: argparse.Namespace) -> int:
     """``hjepa pipeline run-local``: prints the probe accuracy and where the outputs are."""
     from hjepa_core.tracking import resolve_tracking_uri
@@ -81,6 +94,7 @@ def run_local_command(args: argparse.Namespace) -> int:
         print(f"hjepa pipeline run-local: error: {exc}", file=sys.stderr)
         return 1
     print(f"linear-probe top-1 accuracy: {100 * run.probe_top1:.2f}%")
+    print(_score_table(run.evaluation))
     print(f"outputs: {run.run_dir}")
     for name, path in sorted(run.artifacts.items()):
         print(f"  {name}: {path}")

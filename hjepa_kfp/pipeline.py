@@ -6,6 +6,7 @@ date by a test); ``hjepa pipeline run-local`` runs the same components with KFP'
 secrets) come from ``kfp-kubernetes`` and apply on a cluster only.
 """
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,8 @@ class LocalRun:
     probe_top1: float
     run_dir: Path
     artifacts: dict[str, Path] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    """The evaluate stage's ``eval.json`` (methods, selected encoder, metrics)."""
 
 
 def run_local(pipeline_root: str | Path, arguments: dict[str, Any], image: str = DEFAULT_IMAGE) -> LocalRun:
@@ -147,4 +150,6 @@ def run_local(pipeline_root: str | Path, arguments: dict[str, Any], image: str =
     run_dir = new[-1] if new else root
     artifacts = {f"{p.parent.name}/{p.name}": p for p in run_dir.glob("*/*")
                  if p.name != "executor_output.json" and not p.name.endswith(".work")}
-    return LocalRun(float(task.output), run_dir, artifacts)
+    reports = sorted(run_dir.rglob("eval.json"), key=lambda p: p.stat().st_mtime)
+    evaluation = json.loads(reports[-1].read_text()) if reports else {}
+    return LocalRun(float(task.output), run_dir, artifacts, evaluation)

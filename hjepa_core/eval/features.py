@@ -51,6 +51,9 @@ class LoadedEncoder:
     path: Path
     sha256: str
     mlflow_run_id: str | None = None
+    context_encoder: VisionTransformer | None = None
+    """The online (context) encoder, when the checkpoint holds it (``encoder.pt`` from this
+    version on, and every training checkpoint)."""
 
     @property
     def crop_size(self) -> int:
@@ -104,11 +107,13 @@ def load_encoder(checkpoint: str | Path, config: Config | None = None) -> Loaded
         stored = config_from_dict(state["config"])
     except ConfigError as exc:
         raise EvalError(f"{path}: its stored config is invalid ({exc})") from exc
+    context_weights = None
     if "arch" in state and "state_dict" in state:
         arch, weights = dict(state["arch"]), state["state_dict"]
+        context_weights = state.get("context_state_dict")
     elif "model" in state:
-        prefix = "target_encoder."
-        weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+        weights = _prefixed(state["model"], "target_encoder.")
+        context_weights = _prefixed(state["model"], "encoder.")
         arch = build_encoder(stored.model).arch()
     else:
         raise EvalError(f"{path} has neither encoder weights ('arch'/'state_dict') nor a training 'model'")
@@ -122,14 +127,23 @@ def load_encoder(checkpoint: str | Path, config: Config | None = None) -> Loaded
                 f"checkpoint/config mismatch: {path} was trained with a different model ({'; '.join(problems)}); "
                 "evaluate it with the config it was trained with, or without --config"
             )
+    encoder = _frozen_encoder(arch, weights, path)
+    context = _frozen_encoder(arch, context_weights, path) if context_weights else None
+    return LoadedEncoder(encoder, config if config is not None else stored, path, sha256_file(path),
+                         state.get("mlflow_run_id") or None, context)
+
+
+def _prefixed(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _frozen_encoder(arch: dict[str, Any], weights: dict[str, Any], path: Path) -> VisionTransformer:
     encoder = VisionTransformer(**arch)
     try:
         encoder.load_state_dict(weights)
     except RuntimeError as exc:
         raise EvalError(f"{path}: weights do not fit the architecture {arch} ({exc})") from exc
-    encoder.requires_grad_(False).eval()
-    return LoadedEncoder(encoder, config if config is not None else stored, path, sha256_file(path),
-                         state.get("mlflow_run_id") or None)
+    return encoder.requires_grad_(False).eval()
 
 
 def check_pooling(pooling: str, levels: int) -> str:

@@ -43,7 +43,8 @@ EVAL_METRICS_FILE = "metrics.json"  # flat report["metrics"] (DVC metrics)
 CONFUSION_FILE = "confusion_matrix.png"
 REPORT_FILE = "report.md"
 METHODS = ("encoder", "random_init", "pixels")
-_PREFIX = {"encoder": "", "random_init": "random_init_", "pixels": "pixels_"}
+_PREFIX = {"encoder": "", "target_encoder": "target_", "context_encoder": "context_",
+           "random_init": "random_init_", "pixels": "pixels_"}
 
 
 @dataclass
@@ -150,6 +151,22 @@ def flat_metrics(methods: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def _select_encoder(methods: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], str]:
+    """Scores the better of the target (EMA) and context encoders as ``encoder`` (probe top-1, then
+    kNN top-1) and keeps both as ``target_encoder`` / ``context_encoder``. Which one is better
+    depends on the budget: a short run's EMA encoder still lags the online one."""
+    if "context_encoder" not in methods:
+        return methods, "target"
+    target, context = methods.pop("encoder"), methods.pop("context_encoder")
+
+    def score(result: dict[str, Any]) -> tuple[float, float]:
+        return result["probe"]["top1"], result["knn"]["top1"]
+
+    selected = "context" if score(context) > score(target) else "target"
+    best = context if selected == "context" else target
+    return {"encoder": best, "target_encoder": target, "context_encoder": context, **methods}, selected
+
+
 def _markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Evaluation of `{report['checkpoint']}`",
@@ -159,6 +176,7 @@ def _markdown(report: dict[str, Any]) -> str:
         f"- linear probe: standardised features, SGD + cosine, {report['settings']['probe']['epochs']} epochs, "
         "lr x weight decay chosen on a held-out part of train, refit on all of train",
         f"- kNN: k={report['settings']['k']}, cosine, temperature {report['settings']['temperature']}",
+        f"- `encoder` is the better of the checkpoint's encoders: the **{report['selected_encoder']}** encoder",
         "",
         "| method | probe top-1 | probe top-5 | kNN top-1 | kNN top-5 | feature dim |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -291,6 +309,11 @@ def _run(
     identities: dict[str, tuple[VisionTransformer | None, dict[str, Any]]] = {
         "encoder": (loaded.encoder, {"kind": "encoder", "sha256": loaded.sha256, "pooling": pooling}),
     }
+    if loaded.context_encoder is not None:
+        identities["context_encoder"] = (
+            loaded.context_encoder,
+            {"kind": "context_encoder", "sha256": loaded.sha256, "pooling": pooling},
+        )
     if settings.baselines:
         identities["random_init"] = (
             _random_init_encoder(loaded, settings.random_init_seed),
@@ -337,8 +360,10 @@ def _run(
         methods[name] = {"probe": probe.to_dict(), "knn": knn, "feature_dim": int(train_x.shape[1]),
                          "seconds": {"features": round(extract_s, 2), "probe": round(probe_s, 2),
                                      "knn": round(time.perf_counter() - start, 2)}}
+    methods, selected = _select_encoder(methods)
     report: dict[str, Any] = {
         "checkpoint": str(loaded.path),
+        "selected_encoder": selected,
         "checkpoint_sha256": loaded.sha256,
         "dataset": dataset,
         "data_path": data_path,

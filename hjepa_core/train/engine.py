@@ -76,10 +76,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def save_encoder(model: HJEPA, config: Config, path: Path, run_id: str | None = None) -> Path:
-    """The target encoder's weights with its architecture, the run's config and its MLflow run id
-    (so an evaluation can link itself to exactly this run)."""
+    """The target (EMA) encoder's weights with its architecture, the context encoder's weights (an
+    evaluation scores both and reports the better), the run's config and its MLflow run id (so an
+    evaluation can link itself to exactly this run)."""
     encoder = model.target_encoder
-    state = {"arch": encoder.arch(), "state_dict": encoder.state_dict(), "config": config.to_dict(),
+    state = {"arch": encoder.arch(), "state_dict": encoder.state_dict(),
+             "context_state_dict": model.encoder.state_dict(), "config": config.to_dict(),
              "mlflow_run_id": run_id or ""}
     return atomic_torch_save(state, path)
 

@@ -9,7 +9,13 @@ from tests.eval.conftest import fast_settings
 
 def test_evaluate_writes_report_and_reuses_cached_features(tmp_path, tiny_checkpoint):
     report = evaluate(tiny_checkpoint, fast_settings(tmp_path))
-    assert set(report["methods"]) == {"encoder", "random_init", "pixels"}
+    # Both encoders of the checkpoint are scored; ``encoder`` is the better one, named in the report.
+    assert set(report["methods"]) == {"encoder", "target_encoder", "context_encoder", "random_init", "pixels"}
+    selected = report["methods"][f"{report['selected_encoder']}_encoder"]
+    assert report["methods"]["encoder"] == selected
+    other = report["methods"]["context_encoder" if report["selected_encoder"] == "target" else "target_encoder"]
+    assert selected["probe"]["top1"] >= other["probe"]["top1"]
+    assert report["metrics"]["target_probe_top1"] == report["methods"]["target_encoder"]["probe"]["top1"]
     assert report["num_train"] == 300 and report["num_test"] == 100 and report["num_classes"] == 10
     assert report["classes"][0] == "T-shirt/top" and report["crop_size"] == 32
     for name in ("probe_top1", "probe_top5", "knn_top1", "knn_top5", "random_init_probe_top1",
@@ -22,17 +28,17 @@ def test_evaluate_writes_report_and_reuses_cached_features(tmp_path, tiny_checkp
     assert written["metrics"] == report["metrics"]
     assert (tmp_path / "eval" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert "| pixels |" in (tmp_path / "eval" / "report.md").read_text()
-    assert report["cache"]["misses"] == 6 and report["cache"]["hits"] == 0
+    assert report["cache"]["misses"] == 8 and report["cache"]["hits"] == 0
 
     again = evaluate(tiny_checkpoint, fast_settings(tmp_path))
-    assert again["cache"]["hits"] == 6 and again["cache"]["misses"] == 0
+    assert again["cache"]["hits"] == 8 and again["cache"]["misses"] == 0
     assert again["metrics"] == report["metrics"]  # same features, same seeded protocol
 
 
 def test_level_pooling_and_no_baselines(tmp_path, tiny_checkpoint):
     report = evaluate(tiny_checkpoint, fast_settings(tmp_path, pooling="levels", baselines=False))
-    assert set(report["methods"]) == {"encoder"}
-    assert report["methods"]["encoder"]["feature_dim"] == 3 * 32  # three hierarchy levels
+    assert set(report["methods"]) == {"encoder", "target_encoder", "context_encoder"}
+    assert report["methods"]["encoder"]["feature_dim"] == 2 * 32  # two hierarchy levels (fashion_mnist.yaml)
 
 
 def test_evaluate_from_shards(tmp_path, tiny_checkpoint):
@@ -88,10 +94,10 @@ def test_cache_misses_when_images_are_replaced_in_place(tmp_path, tiny_checkpoin
     root = image_folder(per_class=4, classes=("a", "b"))
     settings = fast_settings(tmp_path, dataset=f"imagefolder:{root}", max_train_samples=None,
                              max_test_samples=None, baselines=False)
-    assert evaluate(tiny_checkpoint, settings)["cache"]["misses"] == 2
-    assert evaluate(tiny_checkpoint, settings)["cache"]["hits"] == 2
+    assert evaluate(tiny_checkpoint, settings)["cache"]["misses"] == 4  # 2 encoders x 2 splits
+    assert evaluate(tiny_checkpoint, settings)["cache"]["hits"] == 4
     smooth_image(36, 30, seed=99).save(root / "a" / "0.png")  # same name, new picture
-    assert evaluate(tiny_checkpoint, settings)["cache"] == {"hits": 0, "misses": 2, "dir": settings.cache_dir}
+    assert evaluate(tiny_checkpoint, settings)["cache"] == {"hits": 0, "misses": 4, "dir": settings.cache_dir}
 
 
 def test_cache_misses_when_a_split_is_resharded_in_place(tmp_path, tiny_checkpoint):
@@ -102,7 +108,7 @@ def test_cache_misses_when_a_split_is_resharded_in_place(tmp_path, tiny_checkpoi
     write_shards("fashion_mnist", shards, "test", max_samples=40, progress=False)
     settings = fast_settings(tmp_path, dataset=f"shards:{shards}", max_train_samples=None, max_test_samples=None,
                              baselines=False)
-    assert evaluate(tiny_checkpoint, settings)["cache"]["misses"] == 2
+    assert evaluate(tiny_checkpoint, settings)["cache"]["misses"] == 4  # 2 encoders x 2 splits
     write_shards("fashion_mnist", shards, "test", max_samples=40, seed=1, progress=False)
     again = evaluate(tiny_checkpoint, settings)["cache"]
-    assert (again["hits"], again["misses"]) == (1, 1)  # train unchanged, test re-extracted
+    assert (again["hits"], again["misses"]) == (2, 2)  # train unchanged, test re-extracted
