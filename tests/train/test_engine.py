@@ -137,13 +137,13 @@ def test_trains_from_shards(tmp_path):
 
 def test_time_budget_ends_on_the_clock_and_finishes_the_cosine(tmp_path):
     cfg = load_config("configs/fashion_mnist.yaml",
-                      tiny_overrides(tmp_path, "training.time_budget_s=3", "training.epochs=1", "data.max_samples=32",
+                      tiny_overrides(tmp_path, "training.time_budget_s=4", "training.epochs=1", "data.max_samples=16",
                                      "training.log_every=1", "training.warmup_epochs=0.25", "training.min_lr=1e-6"))
     result = train(cfg, progress=False)
     summary = result.metrics
-    assert 3.0 <= summary["train_seconds"] < 3.0 + 10.0, summary["train_seconds"]  # slack for a loaded machine
-    # The clock, not the epoch count, ends the run: a 32-image epoch is 2 steps.
-    assert summary["epochs_completed"] >= 1 and result.steps > 2
+    assert 4.0 <= summary["train_seconds"] < 4.0 + 10.0, summary["train_seconds"]  # slack for a loaded machine
+    # The clock, not the epoch count (1), ends the run: a 16-image epoch is 1 step.
+    assert summary["epochs_completed"] >= 3 and result.steps >= 3
     assert summary["images_seen"] == result.steps * 16
     lrs = [h["lr"] for h in summary["history"] if "lr" in h]
     assert lrs[-1] < max(lrs) <= cfg.training.lr, lrs  # warmed up, then decayed on the clock
