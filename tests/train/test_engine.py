@@ -145,5 +145,23 @@ def test_time_budget_ends_on_the_clock_and_finishes_the_cosine(tmp_path):
     # The clock, not the epoch count (1), ends the run: a 16-image epoch is 1 step.
     assert summary["epochs_completed"] >= 3 and result.steps >= 3
     assert summary["images_seen"] == result.steps * 16
-    lrs = [h["lr"] for h in summary["history"] if "lr" in h]
-    assert lrs[-1] < max(lrs) <= cfg.training.lr, lrs  # warmed up, then decayed on the clock
+    assert max(h["lr"] for h in summary["history"] if "lr" in h) <= cfg.training.lr
+
+
+def test_schedules_follow_the_fraction_of_the_budget_spent():
+    from types import SimpleNamespace
+
+    from hjepa_core.train.engine import Trainer
+
+    cfg = load_config("configs/fashion_mnist.yaml", ["training.time_budget_s=100", "training.warmup_epochs=0.2",
+                                                     "training.epochs=1", "training.min_lr=1e-6"])
+
+    def schedules_at(seconds: float) -> dict[str, float]:
+        trainer = SimpleNamespace(config=cfg, time_budget=100.0, train_seconds=seconds, warmup_fraction=0.2)
+        trainer._progress = lambda: Trainer._progress(trainer)
+        return Trainer._schedules(trainer)
+
+    assert schedules_at(0.0)["lr"] == 0.0
+    assert schedules_at(20.0)["lr"] == pytest.approx(cfg.training.lr)  # warmup is 20% of the budget
+    end = schedules_at(100.0)
+    assert end["lr"] == pytest.approx(1e-6) and end["ema_momentum"] == pytest.approx(cfg.training.ema_momentum_end)
