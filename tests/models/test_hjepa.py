@@ -40,7 +40,8 @@ def test_local_crops_change_the_gradient(strategy):
     batch = first_batch(cfg)
     base = encoder_grad(model, batch)
     changed = copy.copy(batch)
-    changed.crops = [*batch.crops[:2], *(torch.randn_like(c) for c in batch.crops[2:])]
+    n_g = batch.num_global_crops
+    changed.crops = [*batch.crops[:n_g], *(torch.randn_like(c) for c in batch.crops[n_g:])]
     assert not torch.allclose(base, encoder_grad(model, changed))
     assert torch.isfinite(base).all()
 
@@ -115,10 +116,11 @@ def test_local_crops_are_encoded_from_their_kept_patches_only():
 
     def perturbed(patch: int) -> float:
         changed = copy.copy(batch)
-        crop = batch.crops[2].clone()  # first local crop; row 0 of local_keep is its first image
+        n_g = batch.num_global_crops
+        crop = batch.crops[n_g].clone()  # first local crop; row 0 of local_keep is its first image
         row, col = divmod(patch, 4)
         crop[0, :, row * 4:(row + 1) * 4, col * 4:(col + 1) * 4] += 3.0
-        changed.crops = [*batch.crops[:2], crop, *batch.crops[3:]]
+        changed.crops = [*batch.crops[:n_g], crop, *batch.crops[n_g + 1:]]
         return model(changed).parts["loss/local"]
 
     assert torch.allclose(perturbed(dropped[0]), base)
