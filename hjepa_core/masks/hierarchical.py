@@ -114,6 +114,7 @@ class HierarchicalMaskGenerator:
     """
 
     max_redraws = 50
+    max_shape_draws = 20
     _estimate_batches, _estimate_batch_size = 32, 32
 
     def __init__(
@@ -265,23 +266,37 @@ class HierarchicalMaskGenerator:
         block = self._block_cover(c_top, c_left, context_shape, 1, fine)
         return corners, block.flatten(1), ~covered.flatten(1)
 
-    def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> HierarchicalMasks:
-        generator = generator if generator is not None else self._generator
-        shapes = self._sample_shapes(generator)
-        corners, block, free = self._draw(batch_size, shapes, generator)
+    def _place_leaving_context(
+        self, n: int, shapes: tuple[list[tuple[int, int]], tuple[int, int]], generator: torch.Generator | None,
+    ) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor] | None:
+        """Blocks of ``shapes`` for ``n`` samples, redrawing the positions of samples whose targets
+        leave fewer than :attr:`context_count` cells; None when some still do after the redraws."""
+        corners, block, free = self._draw(n, shapes, generator)
         for _ in range(self.max_redraws):
             short = free.sum(1) < self.context_count
             if not short.any():
-                break
+                return corners, block, free
             redo = short.nonzero().squeeze(1)
             new_corners, block[redo], free[redo] = self._draw(len(redo), shapes, generator)
             for (top, left), (n_top, n_left) in zip(corners, new_corners, strict=True):
                 top[redo], left[redo] = n_top, n_left
+        return None
+
+    def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> HierarchicalMasks:
+        generator = generator if generator is not None else self._generator
+        # A batch's block shapes can be too large to leave the context for every sample (rare, the
+        # largest scales at both aspect extremes): then the batch draws new shapes.
+        for _ in range(self.max_shape_draws):
+            shapes = self._sample_shapes(generator)
+            placed = self._place_leaving_context(batch_size, shapes, generator)
+            if placed is not None:
+                break
         else:
             raise MaskConfigError(
                 f"could not place target blocks leaving >= {self.context_count} context patches in "
-                f"{self.max_redraws} tries; lower num_target_masks or base_scale"
+                f"{self.max_shape_draws} x {self.max_redraws} tries; lower num_target_masks or base_scale"
             )
+        corners, block, free = placed
         # Context-block cells first, then uncovered cells outside the block; never a target cell.
         priority = free.to(torch.int8) * (1 + block.to(torch.int8))
         context_idx = random_subset(priority, self.context_count, generator)

@@ -100,3 +100,22 @@ def test_invalid_parameters_name_the_parameter(kwargs: dict, name: str) -> None:
 
 def test_mask_config_error_is_a_value_error() -> None:
     assert issubclass(MaskConfigError, ValueError)
+
+
+def test_a_batch_whose_block_shapes_leave_too_little_context_draws_new_shapes(mask_invariants) -> None:
+    generator = HierarchicalMaskGenerator(input_size=32, patch_size=4, num_hierarchies=2, num_target_masks=4)
+    sample_shapes = generator._sample_shapes
+    calls = []
+
+    def first_too_large(gen):
+        calls.append(1)
+        shapes, context = sample_shapes(gen)
+        if len(calls) == 1:  # every level's blocks cover the whole grid: no context can remain
+            return [(side, side) for side in generator.grid_sizes], context
+        return shapes, context
+
+    generator._sample_shapes = first_too_large
+    masks = generator(16, _gen(0))
+    assert len(calls) >= 2
+    assert masks.context.shape[1] == generator.context_count
+    mask_invariants(masks, generator, 16)
