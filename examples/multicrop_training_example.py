@@ -1,8 +1,8 @@
-"""Multi-crop training for H-JEPA, by example (the examples of docs/multicrop_training.md).
+"""Multi-crop training for H-JEPA, by example: the five examples of the multi-crop design document.
 
 Runs on the CPU on the embedded Fashion-MNIST in a few seconds::
 
-    python examples/multicrop_training_example.py [--output-dir outputs/examples] [--num-workers 2]
+    python examples/multicrop_training_example.py [--output_dir outputs/examples] [--num_workers 2]
 
 1. Basic multi-crop transform: one image -> 2 global (224 px) + 6 local (96 px) crops, with
    each crop's box in the source image; the adaptive (curriculum) variant.
@@ -220,9 +220,9 @@ def example_5_training_step(steps: int = 5) -> list[float]:
 def main(argv: list[str] | None = None) -> None:
     """Runs the examples in order."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR,
+    parser.add_argument("--output_dir", "--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR,
                         help="where pictures go (default: %(default)s)")
-    parser.add_argument("--num-workers", type=int, default=2,
+    parser.add_argument("--num_workers", "--num-workers", type=int, default=2,
                         help="DataLoader workers in example 3 (default: %(default)s)")
     args = parser.parse_args(argv)
     example_1_basic_multicrop_transform()
