@@ -96,6 +96,7 @@ class LossConfig:
     type: str = "smooth_l1"
     hierarchy_weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
     local_weight: float = 1.0
+    local_level_weight: float = 0.0
     image_weight: float = 1.0
     vicreg_weight: float = 0.0
     collapse_every: int = 50
@@ -202,6 +203,10 @@ class Config:
                 f"loss.hierarchy_weights has {len(self.loss.hierarchy_weights)} entries but "
                 f"masking.num_hierarchies={self.masking.num_hierarchies}; give one weight per level"
             )
+        for key in ("local_weight", "local_level_weight", "image_weight", "vicreg_weight"):
+            value = getattr(self.loss, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"loss.{key} must be a finite number >= 0 (0 turns the term off), got {value}")
         if self.loss.type not in ("smooth_l1", "mse"):
             raise ConfigError(f"loss.type={self.loss.type!r} must be 'smooth_l1' or 'mse'")
         if m.predictor_embed_dim % m.predictor_num_heads:

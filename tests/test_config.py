@@ -55,6 +55,8 @@ def test_overrides_are_typed():
         ("data.num_workers=-1", "data.num_workers must be >= 0"),
         ("data.knn_monitor_every=-1", "data.knn_monitor_every must be >= 0"),
         ("loss.collapse_every=0", "loss.collapse_every must be >= 1"),
+        ("loss.local_level_weight=-1", "loss.local_level_weight must be a finite number >= 0"),
+        ("loss.image_weight=nan", "loss.image_weight must be a finite number >= 0"),
         ("data.multicrop.global_crop_scale=[1.0,0.4]", "data.multicrop.global_crop_scale=[1.0, 0.4] must be"),
         ("data.multicrop.local_crop_scale=[0.0,0.4]", "0 < low <= high <= 1"),
         ("data.multicrop.local_crop_scale=[0.1,1.5]", "0 < low <= high <= 1"),

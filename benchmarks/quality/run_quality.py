@@ -99,6 +99,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default=CONFIG)
     p.add_argument("--device", choices=sorted(PROFILES), default="cpu", help="profile: overrides and defaults")
     p.add_argument("--budgets", type=float, nargs="+", default=None, help="training seconds (default: profile's)")
+    p.add_argument("--budget_unit", choices=("seconds", "steps"), default="seconds",
+                   help="steps: each budget is a step count (schedules follow steps; a variant may set its own "
+                        "training.max_steps to match a measured step cost) -- a screen that a loaded machine "
+                        "cannot skew; decide defaults in seconds on a quiet machine")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=None, help=f"subset of {[*VARIANTS, *SPECIAL]} and --extra names")
     p.add_argument("--extra", type=parse_extra, action="append", default=[], metavar="NAME=OVERRIDES",
@@ -118,7 +122,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.eval_batch = args.eval_batch or profile["eval_batch"]
     args.threads = args.threads or profile["threads"]
     args.all_variants = {**VARIANTS, **dict(args.extra)}
+    if args.budget_unit == "steps" and LIGHTLY in (args.variants or []):
+        p.error("lightly_ijepa trains on a time budget only; leave it out with --budget_unit steps")
     names = args.variants or [*args.all_variants, *SPECIAL]
+    if args.budget_unit == "steps":
+        names = [n for n in names if n != LIGHTLY]
     unknown = [n for n in names if n not in args.all_variants and n not in SPECIAL]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {[*args.all_variants, *SPECIAL]} or add them with --extra")
@@ -141,7 +149,8 @@ class Run:
 
     def train_key(self, args: argparse.Namespace) -> dict[str, Any]:
         """Everything the training depends on."""
-        return {"variant": self.variant, "kind": self.kind, "seed": self.seed, "budget": self.budget,
+        unit = {"budget_unit": "steps"} if args.budget_unit == "steps" else {}  # seconds: keys stay as before
+        return {"variant": self.variant, "kind": self.kind, "seed": self.seed, "budget": self.budget, **unit,
                 "overrides": self.overrides, "config": args.config,
                 "config_sha256": hashlib.sha256(Path(args.config).read_bytes()).hexdigest()}
 
@@ -183,8 +192,12 @@ def plan(args: argparse.Namespace) -> list[Run]:
 
 
 def _train_config(run: Run, args: argparse.Namespace, run_dir: Path) -> Any:
-    return load_config(args.config, [*run.overrides, f"training.time_budget_s={run.budget}",
-                                     f"training.seed={run.seed}", f"training.output_dir={run_dir}"])
+    if args.budget_unit == "steps":  # 100 epochs never end first; warmup stays 20% of the steps
+        budget = ["training.time_budget_s=null", "training.epochs=100", "training.warmup_epochs=20",
+                  f"training.max_steps={int(run.budget)}", *run.overrides]
+    else:
+        budget = [*run.overrides, f"training.time_budget_s={run.budget}"]
+    return load_config(args.config, [*budget, f"training.seed={run.seed}", f"training.output_dir={run_dir}"])
 
 
 def _train(run: Run, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
@@ -305,13 +318,14 @@ def _pm(stat: tuple[float, float] | None, scale: float = 100.0, digits: int = 1)
 def markdown(result: dict[str, Any]) -> str:
     """The report: settings, one table per budget, the verdict, the command."""
     s, ev = result["settings"], result["settings"]["eval"]
+    unit = "steps" if s.get("budget_unit") == "steps" else "s"
     decays = ", ".join(f"{w:.0e}" for w in ev["weight_decays"])
     lines = [
-        "# Quality benchmark: H-JEPA variants at equal wall-clock",
+        f"# Quality benchmark: H-JEPA variants at equal {'steps' if unit == 'steps' else 'wall-clock'}",
         "",
         f"- config `{s['config']}`, profile `{s['device']}`, overrides for all: `{' '.join(s['common_overrides'])}`",
-        f"- budgets (training seconds): {', '.join(f'{b:g}' for b in s['budgets'])}; seeds {s['seeds']} "
-        "(mean ± std over seeds)",
+        f"- budgets (training {s.get('budget_unit', 'seconds')}): {', '.join(f'{b:g}' for b in s['budgets'])}; "
+        f"seeds {s['seeds']} (mean ± std over seeds)",
         f"- evaluation (independent_eval.py): {ev['num_train']} train / {ev['num_test']} test Fashion-MNIST "
         f"images at {ev['crop_size']} px; mean-pooled patch tokens; L-BFGS logistic probe on standardised "
         f"features, weight decay from {decays} picked on a {ev['holdout_fraction']:.0%} hold-out; "
@@ -325,7 +339,7 @@ def markdown(result: dict[str, Any]) -> str:
         "(the same numbers at every budget).",
     ]
     for budget, rows in result["summary"].items():
-        lines += ["", f"## Budget {budget} s", "",
+        lines += ["", f"## Budget {budget} {unit}", "",
                   "| variant | images seen | step cost vs single-crop | target probe | target kNN | target eff. rank "
                   "| context probe | context kNN | context eff. rank |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -364,6 +378,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     summary = result["summary"]
+    unit = "steps" if result["settings"].get("budget_unit") == "steps" else "s"
     budgets = [float(b) for b in summary]
     names = list(next(iter(summary.values())))
     fig, axes = plt.subplots(1, 2, figsize=(15, 5), constrained_layout=True)
@@ -379,7 +394,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             low = min(100 * (rows[n][w][metric][0] - rows[n][w][metric][1]) for n in names for w in rows[n]
                       if w in ("target", "context"))
             ax.set_ylim(bottom=max(0.0, low - 5))
-            ax.set_title(f"{label} top-1 at {budgets[0]:g} s")
+            ax.set_title(f"{label} top-1 at {budgets[0]:g} {unit}")
         else:
             for i, name in enumerate(names):
                 color = f"C{i % 10}"
@@ -392,7 +407,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                         ax.errorbar([b for b, _ in pts], [100 * m for _, (m, _) in pts],
                                     yerr=[100 * sd for _, (_, sd) in pts], color=color, ls=style, marker="o",
                                     capsize=3, label=f"{name} ({which})")
-            ax.set_xlabel("training budget (s)")
+            ax.set_xlabel(f"training budget ({unit})")
             ax.set_title(f"{label} top-1 vs budget (solid: target, dashed: context encoder)")
         ax.set_ylabel(f"{label} top-1 (%)")
         ax.grid(alpha=0.3)
@@ -433,8 +448,9 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(path, json.dumps(record, indent=2))
         records.append(record)
         t = record["target"]
+        unit = "" if args.budget_unit == "steps" else "s"
         seen = f"{record['images_seen']:,}" if "images_seen" in record else "-"
-        bar.write(f"{run.variant:28s} seed {run.seed} budget {run.budget:>5g}s images {seen:>9s} "
+        bar.write(f"{run.variant:28s} seed {run.seed} budget {run.budget:>5g}{unit} images {seen:>9s} "
                   f"probe {100 * t['probe_top1']:.2f} kNN {100 * t['knn_top1']:.2f} (target)"
                   + (f" / probe {100 * record['context']['probe_top1']:.2f} kNN "
                      f"{100 * record['context']['knn_top1']:.2f} (context)" if "context" in record else "")
@@ -442,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(records, args)
     result = {
         "command": shlex.join([sys.executable, *(sys.argv if argv is None else ["run_quality.py", *argv])]),
-        "settings": {"config": args.config, "device": args.device, "budgets": args.budgets, "seeds": args.seeds,
+        "settings": {"config": args.config, "device": args.device, "budgets": args.budgets,
+                     "budget_unit": args.budget_unit, "seeds": args.seeds,
                      "variants": {n: args.all_variants.get(n, []) for n in args.variants},
                      "common_overrides": [*COMMON, *PROFILES[args.device]["overrides"], *args.override],
                      "eval": dataclasses.asdict(eval_settings(args)), "work_dir": args.work_dir,

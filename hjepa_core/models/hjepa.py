@@ -68,6 +68,8 @@ class HJEPA(nn.Module):
         hierarchy_weights: loss weight of each level.
         loss_type: ``smooth_l1`` or ``mse``.
         local_weight: weight of the local-crop terms (local -> image level; cross-crop prediction).
+        local_level_weight: weight of each local crop predicting a global crop's masked target
+            blocks at every level from the local crop alone (0 turns it off).
         image_weight: weight of the image-level prediction from the global crops' contexts (each
             context predicts every global view's image-level target: cross-view when n_g >= 2).
         vicreg_weight: weight of VICReg on pooled context embeddings of two global views.
@@ -80,6 +82,7 @@ class HJEPA(nn.Module):
         hierarchy_weights: list[float],
         loss_type: str = "smooth_l1",
         local_weight: float = 1.0,
+        local_level_weight: float = 0.0,
         image_weight: float = 1.0,
         vicreg_weight: float = 0.0,
     ) -> None:
@@ -91,6 +94,7 @@ class HJEPA(nn.Module):
         self.hierarchy_weights = list(hierarchy_weights)
         self.loss_type = loss_type
         self.local_weight = local_weight
+        self.local_level_weight = local_level_weight
         self.image_weight = image_weight
         self.vicreg_weight = vicreg_weight
 
@@ -185,11 +189,8 @@ class HJEPA(nn.Module):
             total = total + weight * parts[name]
 
         if local_tokens is not None:
-            repeat = local_tokens.shape[0] // b
-            (prediction,) = self.predictor(local_tokens, local_positions,
-                                           [(image_queries.repeat(repeat, 1, 1), self.image_level)])
-            parts["loss/local"] = prediction_loss(prediction, image_targets.repeat(repeat, 1, 1), self.loss_type)
-            total = total + self.local_weight * parts["loss/local"]
+            total = total + self._local_loss(local_tokens, local_positions, queries[:levels], answers[:levels],
+                                             image_queries, image_targets, n_g, b, parts)
         if self.vicreg_weight > 0 and n_g >= 2:
             pooled = context.float().mean(dim=1)
             parts["loss/vicreg"] = vicreg_loss(pooled[:b], pooled[b:2 * b])
@@ -197,6 +198,33 @@ class HJEPA(nn.Module):
         parts = {name: value.detach() for name, value in parts.items()}
         pooled_targets = target_tokens.float().mean(dim=1)
         return HJEPAOutput(total, parts, pooled_targets)
+
+    def _local_loss(self, tokens: Tensor, positions: Tensor, level_queries: list[tuple[Tensor, int]],
+                    level_answers: list[tuple[str, float, Tensor]], image_queries: Tensor, image_targets: Tensor,
+                    n_g: int, b: int, parts: dict[str, Tensor]) -> Tensor:
+        """The encoded local crops, each alone as context, predict their image's image-level targets
+        (``loss/local``) and, with ``local_level_weight > 0``, the masked target blocks of global crop
+        ``j % n_g`` at every level (``loss/local_levels``): a masked prediction task across views and
+        scales that reuses the global crop's target features, so its only cost is the local crop's
+        own encoding (the multi-crop idea of Caron et al. 2020, in JEPA form)."""
+        repeat = tokens.shape[0] // b
+        queries = [(image_queries.repeat(repeat, 1, 1), self.image_level)]
+        targets = [image_targets.repeat(repeat, 1, 1)]
+        if self.local_level_weight > 0:
+            rows = torch.cat([torch.arange(j % n_g * b, (j % n_g + 1) * b) for j in range(repeat)]).to(tokens.device)
+            queries += [(level_positions[rows], k) for level_positions, k in level_queries]
+            targets += [level_targets[rows] for _, _, level_targets in level_answers]
+        predictions = self.predictor(tokens, positions, queries)
+        parts["loss/local"] = prediction_loss(predictions[0], targets[0], self.loss_type)
+        total = self.local_weight * parts["loss/local"]
+        if self.local_level_weight > 0:
+            weights = [weight for _, weight, _ in level_answers]
+            parts["loss/local_levels"] = sum(
+                w * prediction_loss(p, t, self.loss_type) for w, p, t in zip(weights, predictions[1:], targets[1:],
+                                                                              strict=True)
+            ) / sum(weights)
+            total = total + self.local_level_weight * parts["loss/local_levels"]
+        return total
 
     @staticmethod
     def _image_level(target_tokens: Tensor, boxes: Tensor, flips: Tensor, n_g: int, b: int) -> tuple[Tensor, Tensor]:
@@ -232,6 +260,7 @@ def build_hjepa(config) -> HJEPA:
         hierarchy_weights=config.loss.hierarchy_weights,
         loss_type=config.loss.type,
         local_weight=config.loss.local_weight,
+        local_level_weight=config.loss.local_level_weight,
         image_weight=config.loss.image_weight,
         vicreg_weight=config.loss.vicreg_weight,
     )

@@ -138,3 +138,18 @@ def test_image_level_prediction_from_global_contexts_changes_the_gradient(multic
     model.image_weight = 0.0
     assert not torch.allclose(full, encoder_grad(model, batch))
     assert "loss/image" not in model(batch).parts
+
+
+def test_local_level_prediction_uses_the_global_level_targets():
+    """``loss.local_level_weight``: each local crop predicts the global crop's masked blocks at every
+    level, so the term depends on the global target features and changes the encoder's gradient."""
+    cfg = tiny_config("global_only", "loss.local_level_weight=1.0")
+    torch.manual_seed(0)
+    model = build_hjepa(cfg)
+    batch = first_batch(cfg)
+    out = model(batch)
+    assert "loss/local_levels" in out.parts and torch.isfinite(out.parts["loss/local_levels"])
+    with_levels = encoder_grad(model, batch)
+    model.local_level_weight = 0.0
+    assert "loss/local_levels" not in model(batch).parts
+    assert not torch.allclose(with_levels, encoder_grad(model, batch))
