@@ -35,12 +35,13 @@ from hjepa_core.train.checkpoint import CheckpointError, load_resume, remove_sta
 from hjepa_core.train.distributed import DistInfo, init_distributed, shutdown_distributed
 from hjepa_core.train.optim import build_optimizer, set_schedule
 from hjepa_core.train.schedules import cosine_schedule, ema_momentum
-from hjepa_core.utils import atomic_torch_save, atomic_write_text, rank_world, run_lock
+from hjepa_core.utils import atomic_torch_save, atomic_write_text, mix_seeds, rank_world, run_lock
 
 ENCODER_FILE = "encoder.pt"
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.json"  # flat: steps, epochs_completed, final_loss (DVC metrics)
 LOSS_HISTORY_FILE = "loss_history.csv"  # step,loss (DVC plots)
+_MODEL_SALT = 0x5EED_D407  # keeps the model's per-step RNG stream apart from the data's keyed seeds
 
 
 EpochMonitor = Callable[[VisionTransformer, torch.device], dict[str, float]]
@@ -305,6 +306,9 @@ class Trainer:
                     batch = self._prepare(cpu_batch)
                     micro += 1
                     last_micro = micro == t.accumulation_steps
+                    # The model's own randomness (drop-path) is keyed by (seed, step, micro-batch, rank),
+                    # so a resumed run draws what the uninterrupted one drew, whatever else used the RNG.
+                    torch.manual_seed(mix_seeds(t.seed, self.step, micro, self.dist.rank, salt=_MODEL_SALT))
                     sync = contextlib.nullcontext() if (last_micro or self.ddp is None) else self.ddp.no_sync()
                     with sync:
                         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,

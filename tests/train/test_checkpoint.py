@@ -61,3 +61,29 @@ def test_stale_temporaries_are_removed(tmp_path):
     assert remove_stale_temps(tmp_path) == [stale]
     assert sorted(tmp_path.iterdir()) == [kept]
     assert remove_stale_temps(tmp_path / "missing") == []
+
+
+def test_resume_with_drop_path_equals_uninterrupted(tmp_path):
+    """Drop-path draws random masks every step; a run resumed from a mid-epoch checkpoint must
+    draw the same ones as the uninterrupted run (no hidden RNG draw, e.g. by a new loader
+    iterator, may shift them)."""
+    import shutil
+
+    from hjepa_core.config import load_config
+    from hjepa_core.train import train
+    from tests.tiny import tiny_overrides
+
+    settings = ["model.drop_path_rate=0.2", "training.max_steps=10", "training.checkpoint_every_steps=4",
+                "training.keep_last_checkpoints=5", "data.max_samples=128"]  # 8 steps per epoch
+    straight = tmp_path / "straight"
+    train(load_config("configs/fashion_mnist.yaml", tiny_overrides(straight, *settings)), progress=False)
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(straight / "checkpoints" / "checkpoint-00000004.pt", resumed / "checkpoints")
+    train(load_config("configs/fashion_mnist.yaml", tiny_overrides(resumed, *settings)), resume="auto",
+          progress=False)
+    a = torch.load(straight / "encoder.pt", weights_only=True)
+    b = torch.load(resumed / "encoder.pt", weights_only=True)
+    for part in ("state_dict", "context_state_dict"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
