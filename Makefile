@@ -2,21 +2,26 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# The lock: every version make install (and the image) installs; `make lock` rewrites it from .venv.
+CONSTRAINTS := constraints.txt
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
 # Runs log to a local MLflow store unless MLFLOW_TRACKING_URI points at a server.
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/outputs/mlflow.db
 HJEPA := $(VENV)/bin/hjepa
 
-.PHONY: install fashion-mnist kubectl test lint demo bench mlflow-ui data repro image pipeline
+.PHONY: install lock fashion-mnist kubectl test lint demo bench mlflow-ui data repro image pipeline
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[tracking,pipeline,dev,bench]"
+	$(PY) -m pip install -q --constraint $(CONSTRAINTS) -e ".[tracking,pipeline,dev,bench]"
 	touch $(STAMP)
+
+# After a dependency change in pyproject.toml is installed into .venv: keep the header, re-pin the rest.
+lock:
+	{ grep '^#' $(CONSTRAINTS); $(PY) -m pip freeze --all --exclude-editable --exclude pip; } > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 
 # The embedded default dataset: Debian's package where apt exists, else torchvision downloads it.
 fashion-mnist:
