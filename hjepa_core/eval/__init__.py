@@ -10,7 +10,7 @@ from hjepa_core.eval.features import (
     pool_tokens,
 )
 from hjepa_core.eval.knn import knn_evaluate, knn_scores
-from hjepa_core.eval.metrics import classification_metrics, confusion_matrix
+from hjepa_core.eval.metrics import classification_metrics
 from hjepa_core.eval.probe import ProbeResult, ProbeSettings, linear_probe
 from hjepa_core.eval.report import EvalSettings, evaluate
 
@@ -22,7 +22,6 @@ __all__ = [
     "ProbeResult",
     "ProbeSettings",
     "classification_metrics",
-    "confusion_matrix",
     "evaluate",
     "extract_features",
     "knn_evaluate",

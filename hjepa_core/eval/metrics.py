@@ -1,4 +1,5 @@
-"""Classification metrics shared by the linear probe and kNN: top-k, per-class accuracy, confusion."""
+"""Classification metrics shared by the linear probe and kNN (torchmetrics): top-k, per-class
+accuracy, confusion matrix."""
 
 from __future__ import annotations
 
@@ -6,12 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
-
-def confusion_matrix(predictions: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """(C, C) counts; row = true class, column = predicted class."""
-    index = labels.long() * num_classes + predictions.long()
-    return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
 
 
 def classification_metrics(scores: Tensor, labels: Tensor, num_classes: int) -> dict[str, Any]:
@@ -22,19 +18,24 @@ def classification_metrics(scores: Tensor, labels: Tensor, num_classes: int) -> 
         labels: (N,) true classes.
         num_classes: C.
     Returns:
-        ``{"top1", "top5"?, "per_class": [C floats, nan for absent classes], "confusion": C x C}``.
+        ``{"top1", "top5"?, "per_class": [C floats, nan for absent classes], "confusion": C x C}``
+        (confusion: row = true class, column = predicted class).
     """
     if scores.ndim != 2 or scores.shape[1] != num_classes:
         raise ValueError(f"scores must be (N, {num_classes}), got {tuple(scores.shape)}")
     labels = labels.long()
-    predictions = scores.argmax(dim=1)
-    confusion = confusion_matrix(predictions, labels, num_classes)
+    if not len(labels):
+        nan = float("nan")
+        return {"top1": nan, **({"top5": nan} if num_classes > 5 else {}), "per_class": [nan] * num_classes,
+                "confusion": [[0] * num_classes for _ in range(num_classes)]}
+    scores = scores.float()
+    confusion = multiclass_confusion_matrix(scores, labels, num_classes)
     support = confusion.sum(dim=1)
+    # torchmetrics scores an absent class 0; nan keeps "no test images" apart from "all wrong".
     per_class = torch.where(support > 0, confusion.diag().double() / support.clamp_min(1), torch.nan)
-    out: dict[str, Any] = {"top1": float((predictions == labels).double().mean()) if len(labels) else float("nan")}
+    out: dict[str, Any] = {"top1": float(multiclass_accuracy(scores, labels, num_classes, average="micro"))}
     if num_classes > 5:
-        top5 = scores.topk(5, dim=1).indices
-        out["top5"] = float((top5 == labels[:, None]).any(dim=1).double().mean()) if len(labels) else float("nan")
+        out["top5"] = float(multiclass_accuracy(scores, labels, num_classes, average="micro", top_k=5))
     out["per_class"] = per_class.tolist()
     out["confusion"] = confusion.tolist()
     return out

@@ -39,3 +39,12 @@ def test_classification_metrics_known_answer():
     assert result["top1"] == 0.75
     assert result["per_class"] == [1.0, 1.0, 0.5]
     assert result["confusion"] == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+
+
+def test_classification_metrics_top5_and_absent_classes():
+    scores = torch.arange(10.0).repeat(4, 1)  # every row ranks classes 9, 8, 7, 6, 5, ...
+    result = classification_metrics(scores, torch.tensor([9, 5, 4, 9]), 10)
+    assert result["top1"] == 0.5 and result["top5"] == 0.75
+    assert result["per_class"][9] == 1.0 and result["per_class"][4] == 0.0
+    assert all(torch.isnan(torch.tensor(result["per_class"][c])) for c in (0, 1, 2, 3, 6, 7, 8))
+    assert sum(map(sum, result["confusion"])) == 4
