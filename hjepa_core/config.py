@@ -154,7 +154,14 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        """Plain values, as written out (config.yaml, checkpoints, MLflow params): the tracking URI
+        without its credentials (:func:`~hjepa_core.utils.redact_url`)."""
+        from hjepa_core.utils import redact_url
+
+        values = _to_plain(dataclasses.asdict(self))
+        uri = values["tracking"]["tracking_uri"]
+        values["tracking"]["tracking_uri"] = redact_url(uri) if uri else uri
+        return values
 
     def flat(self) -> dict[str, Any]:
         """``{"training.lr": 1e-4, ...}``: the form logged as MLflow params."""

@@ -11,6 +11,7 @@ passing ids around. Secrets never pass through here: MLflow reads its credential
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from hjepa_core.tracking import (
     resolve_tracking_uri,
     search_runs,
 )
+from hjepa_core.utils import make_dirs
 
 KFP_RUN_TAG = "kfp.run_id"
 STAGE_TAG = "hjepa.stage"
@@ -165,7 +167,7 @@ def pretrain_stage(
     from hjepa_core.train.engine import ENCODER_FILE, METRICS_FILE
 
     work, model = Path(work_dir), Path(model_dir)
-    work.mkdir(parents=True, exist_ok=True)
+    make_dirs(work)
     config = load_config(config_path, [*overrides, f"data.dataset=shards:{shards_dir}",
                                        f"training.output_dir={work}"])
     parent = parent_run(tracking)
@@ -178,7 +180,9 @@ def pretrain_stage(
     resolved = config.save(work / CONFIG_FILE)
     try:
         if gpus > 1:
-            code = subprocess.run(train_command(resolved, gpus), check=False).returncode
+            # config.yaml holds the URI without credentials: the processes get the full one from the env.
+            env = {**os.environ, **({"MLFLOW_TRACKING_URI": tracking.resolved_uri} if parent else {})}
+            code = subprocess.run(train_command(resolved, gpus), check=False, env=env).returncode
             if code != 0:
                 raise RuntimeError(f"pretrain: torchrun exited with {code}; checkpoints in {work / 'checkpoints'}")
             summary = json.loads((work / METRICS_FILE).read_text())
@@ -195,7 +199,7 @@ def pretrain_stage(
     except BaseException:
         _end_parent(tracking, parent, "FAILED")
         raise
-    model.mkdir(parents=True, exist_ok=True)
+    make_dirs(model)
     for name in (ENCODER_FILE, CONFIG_FILE, METRICS_FILE):
         shutil.copy2(work / name, model / name)
     info = {"mlflow_parent_run_id": parent, "mlflow_run_id": run_id, "steps": int(summary.get("steps", 0)),

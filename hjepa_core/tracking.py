@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from hjepa_core.utils import REDACTED, redact_url
 
 if TYPE_CHECKING:
     from torch import nn
@@ -50,21 +53,41 @@ class NullTracker:
 
 def resolve_tracking_uri(uri: str | None) -> str | None:
     """``uri``, else ``MLFLOW_TRACKING_URI``, else None (MLflow's own default; for the pipeline
-    stages: no tracking)."""
+    stages: no tracking). A URI whose credentials were redacted when it was saved (a stored
+    config's) gives way to ``MLFLOW_TRACKING_URI``.
+
+    Raises:
+        TrackingUnavailableError: a redacted URI and no ``MLFLOW_TRACKING_URI``.
+    """
+    if uri and REDACTED in uri:
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        raise TrackingUnavailableError(
+            f"tracking URI {uri} was saved without its credentials; pass the full URI "
+            "(--tracking_uri / tracking.tracking_uri) or set MLFLOW_TRACKING_URI")
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
+def _health_url(uri: str) -> str:
+    """``URI/health`` without user-info or query (urllib cannot open user-info; /health needs no login)."""
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urllib.parse.urlunsplit((parts.scheme, host, f"{parts.path.rstrip('/')}/health", "", ""))
+
+
 def check_tracking_uri(uri: str | None, timeout: float = 5.0) -> None:
-    """Raises :class:`TrackingUnavailableError` when an http(s) server does not answer."""
+    """Raises :class:`TrackingUnavailableError` when an http(s) server does not answer (the
+    message never shows the URI's credentials)."""
     if not uri or not uri.startswith(("http://", "https://")):
         return
+    shown = redact_url(uri)
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+        with urllib.request.urlopen(_health_url(uri), timeout=timeout) as response:
             if response.status >= 400:
-                raise TrackingUnavailableError(f"MLflow server {uri} answered {response.status} on /health")
+                raise TrackingUnavailableError(f"MLflow server {shown} answered {response.status} on /health")
     except (urllib.error.URLError, OSError) as exc:
         raise TrackingUnavailableError(
-            f"MLflow tracking server {uri} is unreachable ({exc}). Start it "
+            f"MLflow tracking server {shown} is unreachable ({exc}). Start it "
             "(`mlflow server --host 127.0.0.1 --port 5000`), fix MLFLOW_TRACKING_URI / "
             "tracking.tracking_uri, or run with tracking.enabled=false."
         ) from exc
@@ -201,6 +224,8 @@ def _use_tracking_uri(tracking_uri: str | None) -> Any:
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri)
     if uri:
+        if redact_url(uri) != uri:  # MLflow would print "View run at <URI with its password>"
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         mlflow.set_tracking_uri(uri)
     return mlflow
 

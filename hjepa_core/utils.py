@@ -6,6 +6,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,20 +50,43 @@ def _disk_full(error: BaseException | None) -> bool:
     return False
 
 
+FILE_MODE = 0o644  # outputs are read by the next stage, often another user (a KFP pod, a shared PVC)
+DIR_MODE = 0o755
+
+
+def make_dirs(path: str | Path) -> Path:
+    """Creates ``path`` and its missing parents with :data:`DIR_MODE`, whatever the umask (a
+    restrictive one would otherwise hide the outputs from the next stage's user); existing folders
+    keep their mode."""
+    path = Path(path)
+    missing = []
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for folder in reversed(missing):
+        with contextlib.suppress(OSError):  # created concurrently by another user
+            os.chmod(folder, DIR_MODE)
+    return path
+
+
 class AtomicFile:
     """A file written under a hidden temporary name beside ``path`` (``.NAME.PID-RANDOM.tmp``).
 
     :meth:`commit` flushes, fsyncs and renames it over ``path``; :meth:`abort` deletes it. As a
     context manager it commits on success and aborts on an exception, so readers see the old
     file or the whole new one, never a part, and a crash leaves at most a hidden temporary. A full
-    disk is a :class:`DiskFullError` naming ``path``.
+    disk is a :class:`DiskFullError` naming ``path``. The file gets :data:`FILE_MODE` (0644) whatever
+    the umask, and missing folders :data:`DIR_MODE`.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
         self.temp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         self.file: IO[bytes] = open(self.temp, "xb")  # noqa: SIM115 -- closed by commit() or abort()
+        os.fchmod(self.file.fileno(), FILE_MODE)
 
     def write(self, data: bytes) -> int:
         return self.file.write(data)
@@ -138,10 +162,11 @@ def run_lock(directory: str | Path) -> Iterator[Path]:
     """
     import fcntl
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = make_dirs(directory)
     path = directory / RUN_LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    with contextlib.suppress(OSError):  # another user's lock file keeps its mode
+        os.fchmod(fd, FILE_MODE)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -154,6 +179,28 @@ def run_lock(directory: str | Path) -> Iterator[Path]:
         yield path
     finally:
         os.close(fd)  # closing releases the lock
+
+
+REDACTED = "***"
+_SECRET_QUERY_KEY = re.compile(r"token|secret|passw|pwd|key|sig|credential|auth|session", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its credentials: the user-info part (``https://user:pass@host``) and the
+    values of secret-looking query parameters (``?token=``, ``X-Amz-Signature=`` ...) become
+    ``***``. Anything that is not a ``scheme://`` URL comes back unchanged."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    secret = [k for k, _ in pairs if _SECRET_QUERY_KEY.search(k)]
+    if "@" not in parts.netloc and not secret:
+        return url
+    netloc = parts.netloc if "@" not in parts.netloc else f"{REDACTED}@{parts.netloc.rsplit('@', 1)[1]}"
+    query = urlencode([(k, REDACTED if k in secret else v) for k, v in pairs], safe="*") if secret else parts.query
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -76,6 +76,7 @@ def _score_table(evaluation: dict[str, Any]) -> str:
 def run_local_command(args: argparse.Namespace) -> int:
     """``hjepa pipeline run-local``: prints the probe accuracy and where the outputs are."""
     from hjepa_core.tracking import resolve_tracking_uri
+    from hjepa_core.utils import redact_url
 
     module = _pipeline_module()
     uri = resolve_tracking_uri(args.mlflow_uri) or ""
@@ -99,6 +100,8 @@ def run_local_command(args: argparse.Namespace) -> int:
     for name, path in sorted(run.artifacts.items()):
         print(f"  {name}: {path}")
     if uri:
-        where = f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}  (or make mlflow-ui)"
+        shown = redact_url(uri)
+        where = (f"open {shown}" if uri.startswith("http")
+                 else f"mlflow ui --backend-store-uri {shown}  (or make mlflow-ui)")
         print(f"MLflow (experiment {args.experiment!r}): {where}")
     return 0

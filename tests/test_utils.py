@@ -1,4 +1,5 @@
-"""Shared helpers: atomic writes report a full disk with the file's path."""
+"""Shared helpers: atomic writes report a full disk with the file's path and give outputs
+deliberate permissions; URLs lose their credentials before they are shown or stored."""
 
 import errno
 import os
@@ -6,7 +7,16 @@ import os
 import pytest
 import torch
 
-from hjepa_core.utils import AtomicFile, DiskFullError, atomic_torch_save, atomic_write_text
+from hjepa_core.utils import (
+    RUN_LOCK_NAME,
+    AtomicFile,
+    DiskFullError,
+    atomic_torch_save,
+    atomic_write_text,
+    make_dirs,
+    redact_url,
+    run_lock,
+)
 
 
 def _no_space(*args, **kwargs):
@@ -66,3 +76,39 @@ def test_run_lock_is_one_holder_at_a_time(tmp_path):
         child.wait(timeout=30)
     with run_lock(tmp_path / "out") as path:  # free again once the holder has gone
         assert path.read_text() == f"{os.getpid()}\n"
+
+
+@pytest.fixture
+def strict_umask():
+    """A umask of 077 (as some containers and services set), restored afterwards."""
+    previous = os.umask(0o077)
+    yield
+    os.umask(previous)
+
+
+def test_outputs_are_0644_and_folders_0755_whatever_the_umask(tmp_path, strict_umask):
+    atomic_write_text(tmp_path / "new" / "deeper" / "a.txt", "x")
+    atomic_torch_save({}, tmp_path / "new" / "b.pt")
+    with run_lock(tmp_path / "run"):
+        pass
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert modes == {"new": 0o755, "new/deeper": 0o755, "new/deeper/a.txt": 0o644, "new/b.pt": 0o644,
+                     "run": 0o755, f"run/{RUN_LOCK_NAME}": 0o644}
+    existing = make_dirs(tmp_path / "mine")
+    existing.chmod(0o700)
+    make_dirs(existing / "sub")
+    assert existing.stat().st_mode & 0o777 == 0o700  # a folder that existed keeps its mode
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("https://alice:s3cret@mlflow.example.com:5000/path", "https://***@mlflow.example.com:5000/path"),
+    ("https://ghp_token@mlflow.example.com", "https://***@mlflow.example.com"),
+    ("https://mlflow.example.com/?token=s3cret&workspace=1", "https://mlflow.example.com/?token=***&workspace=1"),
+    ("https://b.s3.amazonaws.com/x?X-Amz-Credential=s3cret&X-Amz-Signature=s3cret",
+     "https://b.s3.amazonaws.com/x?X-Amz-Credential=***&X-Amz-Signature=***"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("sqlite:///outputs/mlflow.db", "sqlite:///outputs/mlflow.db"),
+    ("outputs/mlruns", "outputs/mlruns"),
+])
+def test_urls_lose_their_credentials(url, shown):
+    assert redact_url(url) == shown

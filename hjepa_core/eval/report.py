@@ -36,7 +36,7 @@ from hjepa_core.eval.features import (
 from hjepa_core.eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
 from hjepa_core.eval.probe import ProbeSettings, linear_probe
 from hjepa_core.models.vit import VisionTransformer
-from hjepa_core.utils import atomic_write_text
+from hjepa_core.utils import atomic_write_text, redact_url
 
 EVAL_FILE = "eval.json"
 EVAL_METRICS_FILE = "metrics.json"  # flat report["metrics"] (DVC metrics)
@@ -373,7 +373,8 @@ def _run(
         "num_test": len(labels["test"]),
         "num_classes": num_classes,
         "classes": classes,
-        "settings": {**asdict(settings), "device": str(device)},
+        "settings": {**asdict(settings), "device": str(device),
+                     "tracking_uri": redact_url(settings.tracking_uri) if settings.tracking_uri else None},
         "methods": methods,
         "metrics": flat_metrics(methods),
         "cache": {"hits": cache.hits, "misses": cache.misses, "dir": str(cache.root) if cache.root else None},

@@ -35,7 +35,7 @@ from hjepa_core.train.checkpoint import CheckpointError, load_resume, remove_sta
 from hjepa_core.train.distributed import DistInfo, init_distributed, shutdown_distributed
 from hjepa_core.train.optim import build_optimizer, set_schedule
 from hjepa_core.train.schedules import cosine_schedule, ema_momentum
-from hjepa_core.utils import atomic_torch_save, atomic_write_text, mix_seeds, rank_world, run_lock
+from hjepa_core.utils import atomic_torch_save, atomic_write_text, make_dirs, mix_seeds, rank_world, run_lock
 
 ENCODER_FILE = "encoder.pt"
 METRICS_FILE = "metrics.json"
@@ -275,7 +275,7 @@ class Trainer:
     def run(self) -> TrainResult:
         t, cfg = self.config.training, self.config
         if self.dist.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.output_dir)
             cfg.save(self.output_dir / "config.yaml")
             self.tracker.log_params(cfg.flat())
             self.tracker.log_artifact(self.output_dir / "config.yaml")

@@ -7,6 +7,7 @@ import pytest
 from hjepa_core.cli import main
 from hjepa_core.eval import evaluate
 from hjepa_core.eval.compare import compare_runs
+from hjepa_core.tracking import TrackingUnavailableError
 from tests.eval.conftest import fast_settings, train_tiny
 
 
@@ -82,3 +83,39 @@ def test_cli_compare_unknown_experiment(mlflow_server, capsys):
     code = main(["compare", "--experiment", "no-such-experiment", "--tracking_uri", mlflow_server])
     err = capsys.readouterr().err
     assert code == 2 and "'no-such-experiment' not found" in err
+
+
+def _credentialed(uri: str) -> str:
+    return uri.replace("http://", "http://alice:s3cret@")
+
+
+def test_tracking_uri_credentials_are_never_stored(mlflow_server, tmp_path, monkeypatch):
+    """A URI with a password works for logging, but config.yaml, checkpoints, encoder.pt,
+    eval.json and the MLflow params hold it as ``http://***@host``."""
+    import mlflow
+    import torch
+
+    uri = _credentialed(mlflow_server)
+    experiment = f"creds-{uuid.uuid4().hex[:8]}"
+    result = train_tiny(tmp_path / "train", "tracking.enabled=true", f"tracking.tracking_uri={uri}",
+                        f"tracking.experiment={experiment}", "tracking.registered_model_name=null",
+                        "training.checkpoint_every_steps=1")
+    report = evaluate(result.encoder_path, fast_settings(tmp_path, tracking=True, tracking_uri=uri,
+                                                         baselines=False, max_train_samples=100))
+    shown = _credentialed(mlflow_server).replace("alice:s3cret", "***")
+    stored = [(tmp_path / "train" / "config.yaml").read_text(), (tmp_path / "eval" / "eval.json").read_text()]
+    for path in [result.encoder_path, *sorted((tmp_path / "train" / "checkpoints").glob("*.pt"))]:
+        stored.append(str(torch.load(path, weights_only=True)["config"]))
+    client = mlflow.MlflowClient(mlflow_server)
+    for run_id in (result.run_id, report["mlflow_run_id"]):
+        stored.append(str(client.get_run(run_id).data.params))
+    assert len(stored) == 8
+    for text in stored:
+        assert "s3cret" not in text and shown in text
+    # The stored URI is not usable: evaluating with it alone says what to pass, in one line.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exported it
+    with pytest.raises(TrackingUnavailableError, match=r"saved without its credentials; pass the full URI"):
+        evaluate(result.encoder_path, fast_settings(tmp_path, tracking=True, baselines=False))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # ... or takes MLFLOW_TRACKING_URI's
+    again = evaluate(result.encoder_path, fast_settings(tmp_path, tracking=True, baselines=False))
+    assert client.get_run(again["mlflow_run_id"]).info.status == "FINISHED"

@@ -165,3 +165,24 @@ def test_schedules_follow_the_fraction_of_the_budget_spent():
     assert schedules_at(20.0)["lr"] == pytest.approx(cfg.training.lr)  # warmup is 20% of the budget
     end = schedules_at(100.0)
     assert end["lr"] == pytest.approx(1e-6) and end["ema_momentum"] == pytest.approx(cfg.training.ema_momentum_end)
+
+
+def test_outputs_are_readable_by_the_next_stage_under_a_strict_umask(tmp_path):
+    """Shards and training outputs are 0644 in 0755 folders even under umask 077, so a pipeline
+    stage running as another user (a KFP pod on a shared volume) can read them."""
+    previous = os.umask(0o077)
+    try:
+        shards, run = tmp_path / "shards", tmp_path / "run"
+        assert cli_main(["shard", "--source", "fashion_mnist", "--out", str(shards), "--max-samples", "64",
+                         "--no-progress"]) == 0
+        train(load_config("configs/fashion_mnist.yaml",
+                          tiny_overrides(run, f"data.dataset=shards:{shards}", "training.max_steps=2")),
+              progress=False)
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert {"run/encoder.pt", "run/config.yaml", "run/checkpoints", "shards/manifest.json",
+            "shards/train-000000.tar"} <= set(modes)
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (0o755 if (tmp_path / name).is_dir() else 0o644)}
+    assert not wrong

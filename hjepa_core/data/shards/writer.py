@@ -51,7 +51,7 @@ from hjepa_core.constants import DEFAULT_SAMPLES_PER_SHARD, SHARD_IMAGE_FORMATS
 from hjepa_core.data.images import BadImageError, decode_image, to_rgb
 from hjepa_core.data.raw_sources import build_raw_source
 from hjepa_core.data.shards.manifest import load_manifest_or_new, save_manifest
-from hjepa_core.utils import AtomicFile, fsync_dir
+from hjepa_core.utils import AtomicFile, fsync_dir, make_dirs
 
 DEFAULT_MAX_SHARD_BYTES = 1 << 30
 IMAGE_FORMATS = SHARD_IMAGE_FORMATS
@@ -371,7 +371,7 @@ def write_shards(
               "quality": quality, "workers": workers, "shuffle": shuffle, "seed": seed}
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     manifest = load_manifest_or_new(out)
     if manifest["splits"].pop(split, None) is not None:
         save_manifest(out, manifest)  # a crash from here on leaves the split unlisted
