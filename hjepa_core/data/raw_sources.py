@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
 
 from hjepa_core.data.images import load_image
 
@@ -135,42 +136,29 @@ def load_fashion_mnist(data_path: str | Path | None, split: str, download: bool 
     )
 
 
-class ImageFolderSource(Dataset):
-    """A folder of class sub-folders (``root/<class>/<image>``), decoded lazily with PIL.
+def _is_image_file(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path)
 
-    Files are opened at ``__getitem__`` time; :func:`hjepa_core.data.images.load_image` turns
-    any PIL mode into RGB and raises :class:`~hjepa_core.data.images.BadImageError` naming
-    the file when it cannot be decoded.
+
+class ImageFolderSource(ImageFolder):
+    """torchvision's ``ImageFolder`` (``root/<class>/<image>``) with our decoder and clear errors.
+
+    Files are opened at ``__getitem__`` time by :func:`hjepa_core.data.images.load_image`, which
+    turns any PIL mode into RGB, refuses decompression bombs and raises
+    :class:`~hjepa_core.data.images.BadImageError` naming the file when it cannot be decoded.
     """
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise DatasetNotFoundError(
-                f"imagefolder: {self.root} is not a directory; pass a folder of class sub-folders"
-            )
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        if not self.classes:
-            raise DatasetNotFoundError(
-                f"imagefolder: {self.root} has no class sub-folders (expected root/<class>/<image>)"
-            )
-        self.samples: list[tuple[Path, int]] = [
-            (path, label)
-            for label, name in enumerate(self.classes)
-            for path in sorted((self.root / name).rglob("*"))
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-        ]
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetNotFoundError(f"imagefolder: {root} is not a directory; pass a folder of class sub-folders")
+        if not any(p.is_dir() for p in root.iterdir()):
+            raise DatasetNotFoundError(f"imagefolder: {root} has no class sub-folders (expected root/<class>/<image>)")
+        # allow_empty: an empty class folder is a class without images, not an error
+        super().__init__(str(root), loader=load_image, is_valid_file=_is_image_file, allow_empty=True)
         if not self.samples:
-            raise DatasetNotFoundError(
-                f"imagefolder: no images with extensions {IMAGE_EXTENSIONS} under {self.root}"
-            )
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        path, label = self.samples[index]
-        return load_image(path), label
+            raise DatasetNotFoundError(f"imagefolder: no images with extensions {IMAGE_EXTENSIONS} under {root}")
+        self.root = root  # a Path, as the other sources' roots
 
 
 class TorchvisionSource(Dataset):
