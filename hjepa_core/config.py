@@ -19,6 +19,15 @@ from typing import Any
 
 import yaml
 
+from hjepa_core.constants import (
+    GLOBAL_CROP_SCALE,
+    GLOBAL_CROP_SIZE,
+    LOCAL_CROP_SCALE,
+    LOCAL_CROP_SIZE,
+    NUM_GLOBAL_CROPS,
+    NUM_LOCAL_CROPS,
+)
+
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the key and how to fix it."""
@@ -28,12 +37,12 @@ class ConfigError(ValueError):
 class MultiCropConfig:
     """Multi-crop transform parameters (the seed's table)."""
 
-    num_global_crops: int = 2
-    num_local_crops: int = 6
-    global_crop_size: int = 224
-    local_crop_size: int = 96
-    global_crop_scale: tuple[float, float] = (0.4, 1.0)
-    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    num_global_crops: int = NUM_GLOBAL_CROPS
+    num_local_crops: int = NUM_LOCAL_CROPS
+    global_crop_size: int = GLOBAL_CROP_SIZE
+    local_crop_size: int = LOCAL_CROP_SIZE
+    global_crop_scale: tuple[float, float] = GLOBAL_CROP_SCALE
+    local_crop_scale: tuple[float, float] = LOCAL_CROP_SCALE
     global_color_jitter: float = 0.4
     local_color_jitter: float = 0.4
     adaptive: bool = False

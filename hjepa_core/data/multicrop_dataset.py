@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from hjepa_core.constants import GLOBAL_CROP_SIZE, LOCAL_CROP_SIZE, NUM_GLOBAL_CROPS, NUM_LOCAL_CROPS
 from hjepa_core.data.images import BadImageError
 from hjepa_core.data.multicrop_transforms import (
     MultiCropPhotometric,
@@ -162,10 +163,10 @@ def build_multicrop_dataset(
     dataset_name: str = "fashion_mnist",
     data_path: str | None = None,
     split: str = "train",
-    num_global_crops: int = 2,
-    num_local_crops: int = 6,
-    global_crop_size: int = 224,
-    local_crop_size: int = 96,
+    num_global_crops: int = NUM_GLOBAL_CROPS,
+    num_local_crops: int = NUM_LOCAL_CROPS,
+    global_crop_size: int = GLOBAL_CROP_SIZE,
+    local_crop_size: int = LOCAL_CROP_SIZE,
     max_samples: int | None = None,
     **kwargs,
 ) -> Dataset:

@@ -20,6 +20,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from hjepa_core.constants import (
+    GLOBAL_CROP_SCALE,
+    GLOBAL_CROP_SIZE,
+    LOCAL_CROP_SCALE,
+    LOCAL_CROP_SIZE,
+    NUM_GLOBAL_CROPS,
+    NUM_LOCAL_CROPS,
+)
 from hjepa_core.data.images import to_rgb
 from hjepa_core.data.photometric import (
     IMAGENET_MEAN,
@@ -147,12 +155,12 @@ class MultiCropTransform:
 
     def __init__(
         self,
-        num_global_crops: int = 2,
-        num_local_crops: int = 6,
-        global_crop_size: int = 224,
-        local_crop_size: int = 96,
-        global_crop_scale: tuple[float, float] = (0.4, 1.0),
-        local_crop_scale: tuple[float, float] = (0.05, 0.4),
+        num_global_crops: int = NUM_GLOBAL_CROPS,
+        num_local_crops: int = NUM_LOCAL_CROPS,
+        global_crop_size: int = GLOBAL_CROP_SIZE,
+        local_crop_size: int = LOCAL_CROP_SIZE,
+        global_crop_scale: tuple[float, float] = GLOBAL_CROP_SCALE,
+        local_crop_scale: tuple[float, float] = LOCAL_CROP_SCALE,
         global_color_jitter: float = 0.4,
         local_color_jitter: float = 0.4,
         flip_prob: float = 0.5,
@@ -290,7 +298,7 @@ class MultiCropEvalTransform:
 
     def __init__(
         self,
-        crop_size: int = 224,
+        crop_size: int = GLOBAL_CROP_SIZE,
         resize_ratio: float = 0.875,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
@@ -319,12 +327,12 @@ class MultiCropEvalTransform:
 
 
 def build_multicrop_transform(
-    num_global_crops: int = 2,
-    num_local_crops: int = 6,
-    global_crop_size: int = 224,
-    local_crop_size: int = 96,
-    global_crop_scale: tuple[float, float] = (0.4, 1.0),
-    local_crop_scale: tuple[float, float] = (0.05, 0.4),
+    num_global_crops: int = NUM_GLOBAL_CROPS,
+    num_local_crops: int = NUM_LOCAL_CROPS,
+    global_crop_size: int = GLOBAL_CROP_SIZE,
+    local_crop_size: int = LOCAL_CROP_SIZE,
+    global_crop_scale: tuple[float, float] = GLOBAL_CROP_SCALE,
+    local_crop_scale: tuple[float, float] = LOCAL_CROP_SCALE,
     global_color_jitter: float = 0.4,
     local_color_jitter: float = 0.4,
     adaptive: bool = False,

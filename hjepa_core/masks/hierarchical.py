@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hjepa_core.constants import GLOBAL_CROP_SIZE
+
 
 class MaskConfigError(ValueError):
     """A mask parameter set that cannot produce valid masks; the message names the fix."""
@@ -119,7 +121,7 @@ class HierarchicalMaskGenerator:
 
     def __init__(
         self,
-        input_size: int = 224,
+        input_size: int = GLOBAL_CROP_SIZE,
         patch_size: int = 16,
         num_hierarchies: int = 3,
         num_target_masks: int = 4,

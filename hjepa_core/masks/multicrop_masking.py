@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hjepa_core.constants import GLOBAL_CROP_SIZE, LOCAL_CROP_SIZE, NUM_GLOBAL_CROPS, NUM_LOCAL_CROPS
 from hjepa_core.masks.hierarchical import HierarchicalMaskGenerator, HierarchicalMasks, MaskConfigError, random_subset
 
 MASKING_STRATEGIES = ("global_only", "global_with_local_context", "cross_crop_prediction")
@@ -91,10 +92,10 @@ class MultiCropMaskGenerator:
 
     def __init__(
         self,
-        global_crop_size: int = 224,
-        local_crop_size: int = 96,
-        num_global_crops: int = 2,
-        num_local_crops: int = 6,
+        global_crop_size: int = GLOBAL_CROP_SIZE,
+        local_crop_size: int = LOCAL_CROP_SIZE,
+        num_global_crops: int = NUM_GLOBAL_CROPS,
+        num_local_crops: int = NUM_LOCAL_CROPS,
         masking_strategy: str = "global_only",
         num_hierarchies: int = 3,
         num_target_masks: int = 4,
