@@ -17,6 +17,8 @@ from hjepa_core.constants import DEFAULT_SAMPLES_PER_SHARD, FETCHABLE_DATASETS, 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="pretrain H-JEPA (multi-crop) from a YAML config")
     p.add_argument("--config", help="YAML config (see configs/); defaults apply where it is silent")
+    p.add_argument("--params", help="a DVC params file (params.yaml) whose config sections (data, masking, "
+                   "model, ...) are layered over --config; its other sections are ignored")
     p.add_argument("--batch_size", type=int, help="= training.batch_size")
     p.add_argument("--epochs", type=int, help="= training.epochs")
     p.add_argument("--lr", type=float, help="= training.lr")
@@ -40,7 +42,7 @@ def _run_train(args: argparse.Namespace) -> int:
                       ("lr", "training.lr"), ("output_dir", "training.output_dir")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides, params=args.params)
     result = train(config, resume=args.resume, progress=not args.no_progress, monitor=epoch_monitor(config))
     if result.preempted:
         print(f"pre-empted at step {result.steps}; checkpoint in {result.output_dir / 'checkpoints'}")

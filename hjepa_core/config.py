@@ -1,8 +1,9 @@
 """Typed configuration: defaults, YAML files and command-line overrides (DINOv2-style).
 
-``load_config(path, overrides)`` starts from the dataclass defaults, merges a YAML file, then
-``key=value`` overrides (``training.lr=1e-4``; the seed's ``--batch_size/--epochs/--lr`` map to
-``training.*``). Unknown keys are errors that suggest the nearest valid key; values are
+``load_config(path, overrides)`` starts from the dataclass defaults, merges a YAML file (and the
+config sections of a DVC params file, for the DVC pipeline), then ``key=value`` overrides
+(``training.lr=1e-4``; the seed's ``--batch_size/--epochs/--lr`` map to ``training.*``). Unknown
+keys are errors that suggest the nearest valid key; values are
 coerced to the field's type and cross-field rules are checked in :meth:`Config.validate`.
 """
 
@@ -466,20 +467,35 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides; validated."""
+def _read_sections(path: str | Path, what: str) -> dict[str, Any]:
+    """The top-level mapping of a YAML file; a clear error naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist; pass an existing YAML (see configs/)")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                params: str | Path | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then the config sections of a DVC params file
+    (``params``: its ``data``, ``masking``, ``model`` ... sections; the others are the DVC stages' own
+    parameters), then ``key=value`` overrides; validated."""
     config = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass an existing YAML (see configs/)")
+        merge(config, _read_sections(path, "config file"))
+    if params is not None:
+        sections = {f.name for f in dataclasses.fields(Config)}
+        values = {k: v for k, v in _read_sections(params, "params file").items() if k in sections}
         try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        merge(config, values)
+            merge(config, values)
+        except ConfigError as exc:
+            raise ConfigError(f"{params}: {exc}") from exc
     for text in overrides or []:
         key, value = parse_override(text)
         _set(config, key, value, key)

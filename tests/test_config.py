@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from hjepa_core.config import ConfigError, load_config
@@ -81,6 +83,22 @@ def test_missing_and_malformed_files(tmp_path):
     unknown.write_text("trainig:\n  lr: 1\n")
     with pytest.raises(ConfigError, match="did you mean 'training"):
         load_config(unknown)
+
+
+def test_params_file_layers_its_config_sections(tmp_path):
+    """A DVC params file: its config sections go over the config file and under overrides; its
+    stage sections are not config; a bad key names the params file."""
+    params = tmp_path / "params.yaml"
+    params.write_text("pretrain: {epochs: 3}\nmasking: {strategy: cross_crop_prediction}\n"
+                      "model: {depth: 2}\ndata: {multicrop: {num_local_crops: 4}}\n")
+    cfg = load_config("configs/fashion_mnist.yaml", ["model.depth=3"], params=params)
+    assert cfg.masking.strategy == "cross_crop_prediction" and cfg.data.multicrop.num_local_crops == 4
+    assert cfg.model.depth == 3 and cfg.model.embed_dim == 128 and cfg.training.epochs == 1
+    params.write_text("masking: {stratgy: global_only}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{params}: unknown config key 'masking.stratgy'; did you mean")):
+        load_config("configs/fashion_mnist.yaml", params=params)
+    with pytest.raises(ConfigError, match=r"params file .* does not exist"):
+        load_config(None, params=tmp_path / "nope.yaml")
 
 
 def test_valid_limits_and_dataset_spellings_load():
