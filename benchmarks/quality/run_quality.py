@@ -212,6 +212,8 @@ def _train(run: Run, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     else:
         train(config, progress=args.progress)
         metrics = json.loads((run_dir / "metrics.json").read_text())
+        if metrics.get("preempted"):  # stopped by a signal: not the budget's training, never cached
+            raise SystemExit(f"{run.variant} seed {run.seed}: training was pre-empted at step {metrics['steps']}")
     summary = {k: metrics.get(k) for k in ("images_seen", "train_seconds", "steps", "final_loss")}
     summary["multicrop"] = run.kind == "hjepa" and config.data.use_multicrop
     atomic_write_text(done, json.dumps(summary, indent=2))
