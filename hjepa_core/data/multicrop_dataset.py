@@ -224,7 +224,11 @@ class MultiCropCollator:
         # collating): keep the smallest count so the batch always stacks.
         n_crops = min(len(s.crops) for s in kept)
         n_global = kept[0].num_global_crops
-        crops = [torch.stack([s.crops[i] for s in kept]) for i in range(n_crops)]
+        # Stacked as (S, S, 3) and viewed back: the crops' channels-last layout is kept at
+        # memcpy speed (no transposing copy here; the photometric pass or the training
+        # device converts while it reads them).
+        crops = [torch.stack([s.crops[i].permute(1, 2, 0) for s in kept]).permute(0, 3, 1, 2)
+                 for i in range(n_crops)]
         boxes = torch.tensor(
             [[s.geometry[i].normalized_box() for s in kept] for i in range(n_crops)], dtype=torch.float32
         )

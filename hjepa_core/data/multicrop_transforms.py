@@ -10,7 +10,6 @@ coordinate frame. Colour work is batched on tensors by :class:`MultiCropPhotomet
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ from hjepa_core.constants import (
     NUM_GLOBAL_CROPS,
     NUM_LOCAL_CROPS,
 )
-from hjepa_core.data.images import to_rgb
+from hjepa_core.data.images import DECODE_SCALES, EncodedImage, pil_to_tensor, to_rgb
 from hjepa_core.data.photometric import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -44,7 +43,8 @@ class CropGeometry:
     Attributes:
         box: (left, top, right, bottom) in source-image pixels; the crop is
             ``source.crop(box).resize(size, BILINEAR)`` (to within one grey level), mirrored
-            when ``flipped``.
+            when ``flipped`` (from a reduced JPEG decode, :meth:`MultiCropTransform.decode_views`,
+            the same to a PSNR above 28 dB; its box edges may move by half a decoded pixel).
         flipped: whether the crop was mirrored left-right after resizing.
         source_size: (width, height) of the source image.
     """
@@ -62,11 +62,15 @@ class CropGeometry:
 
 @dataclass
 class MultiCropViews:
-    """The CPU output for one image: uint8 (3, S, S) crops, global first, and their geometry."""
+    """The CPU output for one image: uint8 (3, S, S) crops (channels-last memory), global
+    first, and their geometry."""
 
     crops: list[Tensor]
     geometry: list[CropGeometry]
     num_global_crops: int
+
+
+CROP_ATTEMPTS = 10  # RandomResizedCrop's tries before its centre-crop fallback
 
 
 def sample_resized_crop_box(
@@ -75,17 +79,29 @@ def sample_resized_crop_box(
     scale: tuple[float, float],
     ratio: tuple[float, float],
     generator: torch.Generator | None = None,
-    attempts: int = 10,
+    attempts: int = CROP_ATTEMPTS,
 ) -> tuple[int, int, int, int]:
     """Samples a RandomResizedCrop box (Szegedy et al., 2015), as torchvision does.
 
     All attempts are drawn at once; the first that fits is used, else a centre crop with the
     ratio clamped to ``ratio``.
     """
+    draws = torch.rand(attempts, 4, generator=generator, dtype=torch.float64).tolist()
+    return resized_crop_box(width, height, scale, ratio, draws)
+
+
+def resized_crop_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    draws: Sequence[Sequence[float]],
+) -> tuple[int, int, int, int]:
+    """:func:`sample_resized_crop_box` from given uniform draws: one (area, log-ratio, x, y)
+    row per attempt (several crops' draws then come from one RNG call)."""
     area = width * height
-    draws = torch.rand(attempts, 4, generator=generator).double()
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for a_draw, r_draw, x_draw, y_draw in draws.tolist():
+    for a_draw, r_draw, x_draw, y_draw in draws:
         target_area = area * (scale[0] + (scale[1] - scale[0]) * a_draw)
         aspect = math.exp(log_lo + (log_hi - log_lo) * r_draw)
         w = round(math.sqrt(target_area * aspect))
@@ -103,15 +119,6 @@ def sample_resized_crop_box(
         w, h = width, height
     left, top = (width - w) // 2, (height - h) // 2
     return left, top, left + w, top + h
-
-
-def pil_to_tensor(image: Image.Image) -> Tensor:
-    """An RGB PIL image as a uint8 (1, 3, H, W) tensor in channels-last memory (one copy)."""
-    with warnings.catch_warnings():
-        # PIL hands numpy a read-only buffer; the tensor is only ever read.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        pixels = torch.from_numpy(np.asarray(image))
-    return pixels.permute(2, 0, 1)[None]
 
 
 class MultiCropPhotometric:
@@ -206,33 +213,74 @@ class MultiCropTransform:
         """Local crops per image right now (constant here; scheduled in the adaptive variant)."""
         return self.num_local_crops
 
-    def _crop(
-        self, source: Tensor, size: int, scale: tuple[float, float], generator: torch.Generator | None
-    ) -> tuple[Tensor, CropGeometry]:
-        height, width = source.shape[-2:]
-        box = sample_resized_crop_box(width, height, scale, self.aspect_ratio, generator)
-        flipped = bool(torch.rand(1, generator=generator).item() < self.flip_prob)
-        left, top, right, bottom = box
-        region = source[:, :, top:bottom, left:right].contiguous(memory_format=torch.channels_last)
-        # Antialiased bilinear on uint8: PIL's ``crop(box).resize(size, BILINEAR)`` (to within a
-        # grey level) but several times faster (torch's vectorised uint8 kernel).
-        pixels = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True,
-                               align_corners=False)[0]
-        if flipped:
-            pixels = pixels.flip(-1)
-        return pixels.contiguous(), CropGeometry(box, flipped, (width, height))
-
-    def sample_views(self, image: Image.Image, generator: torch.Generator | None = None) -> MultiCropViews:
-        """Crops, resizes and flips: the CPU part of the transform (no colour work)."""
-        source = pil_to_tensor(to_rgb(image))
-        crops, geometry = [], []
+    def plan_views(self, width: int, height: int,
+                   generator: torch.Generator | None = None) -> list[tuple[int, CropGeometry]]:
+        """Each crop's output size and geometry for a ``width`` x ``height`` source, global
+        first; drawn before any pixel is decoded, so the decode can fit the crops."""
         plan = [(self.global_crop_size, self.global_crop_scale)] * self.num_global_crops
         plan += [(self.local_crop_size, self.local_crop_scale)] * self.current_num_local_crops()
-        for size, scale in plan:
-            pixels, geo = self._crop(source, size, scale, generator)
-            crops.append(pixels)
-            geometry.append(geo)
-        return MultiCropViews(crops, geometry, self.num_global_crops)
+        # One RNG call per image: per crop, CROP_ATTEMPTS box draws and a flip draw.
+        draws = torch.rand(len(plan), CROP_ATTEMPTS + 1, 4, generator=generator,
+                           dtype=torch.float64).tolist()
+        views = []
+        for (size, scale), crop_draws in zip(plan, draws, strict=True):
+            box = resized_crop_box(width, height, scale, self.aspect_ratio, crop_draws[:-1])
+            flipped = crop_draws[-1][0] < self.flip_prob
+            views.append((size, CropGeometry(box, flipped, (width, height))))
+        return views
+
+    @staticmethod
+    def max_decode_scale(plan: Sequence[tuple[int, CropGeometry]]) -> int:
+        """The largest decode downscale (1, 2, 4 or 8) at which no crop of ``plan`` is
+        upsampled: every box keeps at least its output size in pixels on both sides."""
+        smallest = min(min(g.box[2] - g.box[0], g.box[3] - g.box[1]) / size for size, g in plan)
+        return next((s for s in DECODE_SCALES if s <= smallest), 1)
+
+    @staticmethod
+    def render_views(source: Tensor, plan: Sequence[tuple[int, CropGeometry]],
+                     scale: int = 1) -> list[Tensor]:
+        """Cuts, resizes and flips the crops of ``plan`` out of a uint8 (1, 3, H, W)
+        channels-last ``source`` decoded at 1/``scale`` of the size the plan was drawn for.
+
+        Crops are uint8 (3, S, S) in channels-last memory (what the resize produces; the
+        collate keeps it, so no transposing copy is made on the CPU). At ``scale > 1`` a box
+        edge moves by at most half a source pixel (``scale / 2`` pixels of the full image).
+        """
+        height, width = source.shape[-2:]
+        crops = []
+        for size, geo in plan:
+            left, top, right, bottom = (math.floor(v / scale + 0.5) for v in geo.box)
+            right, bottom = min(max(right, left + 1), width), min(max(bottom, top + 1), height)
+            region = source[:, :, top:bottom, left:right].contiguous(memory_format=torch.channels_last)
+            # Antialiased bilinear on uint8: PIL's ``crop(box).resize(size, BILINEAR)`` (to
+            # within a grey level) but several times faster (torch's vectorised uint8 kernel).
+            pixels = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True,
+                                   align_corners=False)[0]
+            crops.append(pixels.flip(-1) if geo.flipped else pixels)
+        return crops
+
+    def sample_views(self, image: Image.Image, generator: torch.Generator | None = None) -> MultiCropViews:
+        """Crops, resizes and flips a decoded image: the CPU part of the transform (no colour
+        work)."""
+        image = to_rgb(image)
+        plan = self.plan_views(*image.size, generator)
+        return MultiCropViews(self.render_views(pil_to_tensor(image), plan), [g for _, g in plan],
+                              self.num_global_crops)
+
+    def decode_views(self, encoded: EncodedImage, generator: torch.Generator | None = None) -> MultiCropViews:
+        """:meth:`sample_views` of undecoded bytes, decoded as small as the crops allow.
+
+        The crops are planned on the header's size (same draws, same geometry as
+        :meth:`sample_views` for a seed), then the image is decoded at the largest DCT
+        downscale at which no crop is upsampled (:meth:`max_decode_scale`; JPEG only).
+
+        Raises:
+            BadImageError: the pixels cannot be decoded (truncated or corrupt data).
+        """
+        plan = self.plan_views(*encoded.size, generator)
+        source, scale = encoded.decode_pixels(self.max_decode_scale(plan))
+        return MultiCropViews(self.render_views(source, plan, scale), [g for _, g in plan],
+                              self.num_global_crops)
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> list[Tensor]:
         """Returns normalised float crops ``[global_0, ..., local_n]``, each (3, S, S)."""

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset
 
-from hjepa_core.data.images import BadImageError, load_image
+from hjepa_core.data.images import BadImageError, EncodedImage, load_image
 from hjepa_core.data.multicrop_transforms import MultiCropTransform, build_multicrop_transform
 from hjepa_core.data.samples import MultiCropSample, sample_seed
 from hjepa_core.data.shards.manifest import ShardIntegrityError, ShardList, resolve_shards
@@ -254,26 +254,33 @@ class _ShardStream(IterableDataset):
         pipeline = wds.DataPipeline(*node)
         return _take_every(iter(pipeline), plan.sample_start, plan.sample_step)
 
-    def _decode(self, sample: dict) -> tuple[Image.Image, int, int]:
-        """``(RGB image, label, source index)`` of a raw sample; BadImageError if unusable."""
+    @staticmethod
+    def _entry(sample: dict) -> tuple[bytes, str, int, int]:
+        """``(image bytes, name, label, source index)`` of a raw sample; BadImageError if it
+        has no image."""
         key = sample["__key__"]
         ext = next((e for e in IMAGE_KEYS if e in sample), None)
         where = f"{sample.get('__url__', '?')}:{key}"
         if ext is None:
             raise BadImageError(f"{where}: no image entry (has {sorted(sample)})")
-        image = load_image(sample[ext], name=f"{where}.{ext}")
         label = int(sample["cls"]) if "cls" in sample else -1
         tail = key.rsplit("_", 1)[-1]
         index = int(tail) if tail.isdigit() else -1
-        return image, label, index
+        return sample[ext], f"{where}.{ext}", label, index
 
-    def _decoded(self, stream_seed: int = 0, role: int | None = None,
-                 skip: int = 0) -> Iterator[tuple[Image.Image, int, int] | None]:
-        """Decoded samples (after dropping ``skip`` undecoded); None for an unreadable one when
-        ``skip_bad_images``."""
-        for sample in islice(self._raw_samples(stream_seed, role), skip, None):
+    def _decode(self, sample: dict, stream_seed: int, position: int) -> Any:
+        """``(RGB image, label, source index)`` of a raw sample (the ``position``-th of the
+        stream ``stream_seed``); BadImageError if unusable."""
+        data, name, label, index = self._entry(sample)
+        return load_image(data, name=name), label, index
+
+    def _decoded(self, stream_seed: int = 0, role: int | None = None, skip: int = 0) -> Iterator[Any]:
+        """:meth:`_decode` of each sample (after dropping ``skip`` undecoded); None for an
+        unreadable one when ``skip_bad_images``."""
+        samples = islice(self._raw_samples(stream_seed, role), skip, None)
+        for position, sample in enumerate(samples, start=skip):
             try:
-                yield self._decode(sample)
+                yield self._decode(sample, stream_seed, position)
             except BadImageError:
                 if not self.skip_bad_images:
                     raise
@@ -367,19 +374,18 @@ class ShardMultiCropDataset(_ShardStream):
     def __iter__(self) -> Iterator[MultiCropSample | None]:
         rank, _ = rank_world(self.rank, self.world_size)
         role, skip = self._resume_role(*_worker())
-        stream = self._stream_seed(rank, role)
-        for position, item in enumerate(self._decoded(stream, role, skip), start=skip):
-            if item is None:
-                yield None
-                continue
-            image, label, index = item
-            if self.resampled or index < 0:
-                seed = sample_seed(stream, 0, position)
-            else:
-                seed = sample_seed(self.seed, self.epoch, index)
-            views = self.transform.sample_views(image, torch.Generator().manual_seed(seed))
-            yield MultiCropSample(views.crops, label, views.geometry, views.num_global_crops,
-                                  index, seed)
+        return self._decoded(self._stream_seed(rank, role), role, skip)
+
+    def _decode(self, sample: dict, stream_seed: int, position: int) -> MultiCropSample:
+        """The sample's crops, decoded only as large as they need (see
+        :meth:`~hjepa_core.data.multicrop_transforms.MultiCropTransform.decode_views`)."""
+        data, name, label, index = self._entry(sample)
+        if self.resampled or index < 0:
+            seed = sample_seed(stream_seed, 0, position)
+        else:
+            seed = sample_seed(self.seed, self.epoch, index)
+        views = self.transform.decode_views(EncodedImage(data, name), torch.Generator().manual_seed(seed))
+        return MultiCropSample(views.crops, label, views.geometry, views.num_global_crops, index, seed)
 
 
 def shard_source(dataset_name: str, data_path: str | os.PathLike | None = None, split: str = "test",
