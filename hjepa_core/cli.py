@@ -86,6 +86,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tracking_uri", help="MLflow URI (default: config / MLFLOW_TRACKING_URI)")
     p.add_argument("--experiment", help="MLflow experiment (default: the pretraining run's)")
     p.add_argument("--parent_run_id", help="pretraining run to nest under (default: looked up by output dir)")
+    p.add_argument("--registered_model_name", help="register the scored encoder under this MLflow name "
+                   "(default: the checkpoint config's tracking.registered_model_name; '' registers nothing)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_run_evaluate)
 
@@ -104,7 +106,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         probe=probe, baselines=not args.no_baselines, device=args.device, cache_dir=args.cache_dir,
         use_cache=not args.no_cache, output_dir=args.output_dir, progress=not args.no_progress,
         tracking=args.tracking, tracking_uri=args.tracking_uri, experiment=args.experiment,
-        parent_run_id=args.parent_run_id,
+        parent_run_id=args.parent_run_id, registered_model_name=args.registered_model_name,
     )
     try:
         config = load_config(args.config) if args.config else None
@@ -117,6 +119,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     print(f"wrote {report['files']['json']}, {report['files']['confusion_matrix']}")
     if report["mlflow_run_id"]:
         print(f"MLflow run: {report['mlflow_run_id']} (parent {report['mlflow_parent_run_id']})")
+    registered = report.get("registered_model")
+    if registered:
+        print(f"registered {registered['uri']} (aliases: {', '.join(registered['aliases'])}; "
+              f"{registered['champion_decision']})")
     return 0
 
 

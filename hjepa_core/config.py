@@ -141,7 +141,11 @@ class TrainingConfig:
 
 @dataclass
 class TrackingConfig:
-    """MLflow tracking (URI from ``MLFLOW_TRACKING_URI`` unless ``tracking_uri`` is set)."""
+    """MLflow tracking (URI from ``MLFLOW_TRACKING_URI`` unless ``tracking_uri`` is set).
+
+    ``registered_model_name``: the registry name ``hjepa evaluate`` registers the evaluated encoder
+    under (training registers nothing); None registers nothing.
+    """
 
     enabled: bool = True
     tracking_uri: str | None = None

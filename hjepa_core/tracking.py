@@ -14,12 +14,9 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hjepa_core.utils import REDACTED, redact_url
-
-if TYPE_CHECKING:
-    from torch import nn
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -43,9 +40,6 @@ class NullTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Sets run tags."""
-
-    def log_encoder(self, encoder: nn.Module, registered_model_name: str | None) -> None:
-        """Logs (and registers) the encoder."""
 
     def finish(self, status: str = "FINISHED") -> None:
         """Ends the run."""
@@ -168,17 +162,6 @@ class MlflowTracker(NullTracker):
         for key, value in tags.items():
             self._client.set_tag(self.run_id, key, value)
 
-    def log_encoder(self, encoder: nn.Module, registered_model_name: str | None) -> None:
-        """Logs the encoder as an MLflow PyTorch model and registers it when a name is given."""
-        with self._mlflow.start_run(run_id=self.run_id, nested=True):
-            self._mlflow.pytorch.log_model(
-                encoder,
-                name="encoder",
-                registered_model_name=registered_model_name,
-                serialization_format="pickle",
-                pip_requirements=["torch", "hjepa"],
-            )
-
     def finish(self, status: str = "FINISHED") -> None:
         self._client.set_terminated(self.run_id, status=status)
 
@@ -268,3 +251,89 @@ def metric_history(run_id: str, key: str, tracking_uri: str | None = None) -> li
     mlflow = _use_tracking_uri(tracking_uri)
     history = mlflow.MlflowClient().get_metric_history(run_id, key)
     return sorted((int(m.step), float(m.value)) for m in history)
+
+
+# -- model registry -------------------------------------------------------------------------------
+# A registered version is an MLflow pyfunc model: a weights file loaded by SERVING_LOADER (no
+# pickled classes), hjepa_core shipped as code_paths, a signature and an input example.
+SERVING_LOADER = "hjepa_core.models.serving"
+SERVING_DIR = "encoder"
+CANDIDATE_ALIAS = "candidate"
+CHAMPION_ALIAS = "champion"
+
+
+def model_requirements() -> list[str]:
+    """The pip requirements of a registered encoder: hjepa's own dependencies, pinned to the
+    installed versions (local build tags such as ``+cu128`` dropped)."""
+    import importlib.metadata as metadata
+    import re
+
+    try:
+        declared = metadata.requires("hjepa") or []
+    except metadata.PackageNotFoundError:
+        declared = ["torch", "numpy"]
+    pinned = []
+    for requirement in declared:
+        if "extra ==" in requirement:
+            continue
+        name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+        try:
+            pinned.append(f"{name}=={metadata.version(name).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            pinned.append(requirement)
+    return pinned
+
+
+def log_registered_encoder(
+    run_id: str, tracking_uri: str | None, name: str, weights: str | Path, input_example: Any,
+    output_example: Any, tags: dict[str, str],
+) -> str:
+    """Logs ``weights`` (a :mod:`hjepa_core.models.serving` file) as a pyfunc model of run ``run_id``,
+    registers it as ``name`` with a signature and an input example, tags the new version and returns
+    its number."""
+    import shutil
+    import tempfile
+
+    mlflow = _use_tracking_uri(tracking_uri)
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(input_example, output_example)
+    with tempfile.TemporaryDirectory(prefix="hjepa-model-") as scratch:
+        code = Path(scratch) / "hjepa_core"
+        shutil.copytree(Path(__file__).resolve().parent, code,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        with mlflow.start_run(run_id=run_id, nested=True):
+            info = mlflow.pyfunc.log_model(
+                name=SERVING_DIR, loader_module=SERVING_LOADER, data_path=str(weights), code_paths=[str(code)],
+                signature=signature, input_example=input_example, pip_requirements=model_requirements(),
+                registered_model_name=name,
+            )
+    version = str(info.registered_model_version)
+    set_version_tags(name, version, tags, tracking_uri)
+    return version
+
+
+def alias_version(name: str, alias: str, tracking_uri: str | None = None) -> dict[str, str] | None:
+    """The tags (plus ``version``) of the version of ``name`` that holds ``alias``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    client = _use_tracking_uri(tracking_uri).MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:  # no such model or alias; anything else (server errors) propagates
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") and "not found" in str(exc):
+            return None
+        raise
+    return {**version.tags, "version": str(version.version)}
+
+
+def set_alias(name: str, alias: str, version: str, tracking_uri: str | None = None) -> None:
+    """Points ``alias`` of registered model ``name`` at ``version``."""
+    _use_tracking_uri(tracking_uri).MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def set_version_tags(name: str, version: str, tags: dict[str, str], tracking_uri: str | None = None) -> None:
+    """Sets tags on one model version."""
+    client = _use_tracking_uri(tracking_uri).MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))

@@ -61,6 +61,9 @@ class EvalSettings:
         tracking_uri, experiment: None: the checkpoint config's (URI also from MLFLOW_TRACKING_URI).
         parent_run_id: the pretraining run; None takes the run id stored in ``encoder.pt``, else looks it
             up by ``training.output_dir`` in the experiment.
+        registered_model_name: with tracking on, register the scored encoder under this name
+            (:mod:`hjepa_core.eval.registry`); None: the checkpoint config's
+            ``tracking.registered_model_name``; "": register nothing.
         cache_dir: feature cache (None: ``$HJEPA_CACHE/features``); ``use_cache=False`` disables it.
         output_dir: where the report goes (None: ``<checkpoint dir>/eval``).
     """
@@ -87,6 +90,7 @@ class EvalSettings:
     tracking_uri: str | None = None
     experiment: str | None = None
     parent_run_id: str | None = None
+    registered_model_name: str | None = None
 
 
 def _random_init_encoder(loaded: LoadedEncoder, seed: int) -> VisionTransformer:
@@ -283,6 +287,14 @@ def evaluate(
         if tracker is not None:
             report["mlflow_run_id"] = tracker.run_id
             report["mlflow_parent_run_id"] = parent_run_id
+            name = settings.registered_model_name
+            name = loaded.config.tracking.registered_model_name if name is None else name
+            if name:
+                from hjepa_core.eval.registry import register_evaluated
+
+                uri = settings.tracking_uri or loaded.config.tracking.tracking_uri
+                report["registered_model"] = register_evaluated(report, loaded, test_source, name,
+                                                                tracker.run_id, uri)
             atomic_write_text(output_dir / EVAL_FILE, json.dumps(report, indent=2))
             params = {f"pretrain.{k}": v for k, v in loaded.config.flat().items()}
             params.update({f"eval.{k}": v for k, v in report["settings"].items() if k != "probe"})
@@ -382,6 +394,7 @@ def _run(
                   "report": str(output_dir / REPORT_FILE)},
         "mlflow_run_id": None,
         "mlflow_parent_run_id": None,
+        "registered_model": None,
     }
     encoder_probe = methods["encoder"]["probe"]
     _plot_confusion(encoder_probe["confusion"], classes, output_dir / CONFUSION_FILE,

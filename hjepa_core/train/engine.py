@@ -369,8 +369,8 @@ class Trainer:
         bar.close()
         if not preempted:
             self._run_monitor(final=True)
-        self.save_checkpoint()
-        return self._finish(first_batch, preempted)
+        checkpoint = self.save_checkpoint()
+        return self._finish(first_batch, preempted, checkpoint)
 
     def _run_monitor(self, final: bool = False) -> None:
         """The epoch monitor every ``data.knn_monitor_every`` epochs and at the end (rank 0)."""
@@ -387,7 +387,7 @@ class Trainer:
         self.history.append({"step": self.step, **metrics})
         self.tracker.log_metrics(metrics, step=self.step)
 
-    def _finish(self, first_batch: MultiCropBatch | None, preempted: bool) -> TrainResult:
+    def _finish(self, first_batch: MultiCropBatch | None, preempted: bool, checkpoint: Path | None) -> TrainResult:
         if not self.dist.is_main:
             return TrainResult(self.output_dir, None, {}, None, self.step, preempted)
         losses = [h for h in self.history if "loss" in h]
@@ -421,8 +421,9 @@ class Trainer:
             artifacts.append(render_multicrop_masks(first_batch, self.output_dir / "crops_and_masks.png"))
         for path in artifacts:
             self.tracker.log_artifact(path)
+        if checkpoint is not None:  # the final training state (model, EMA, optimizer): resumable from MLflow
+            self.tracker.log_artifact(checkpoint, "checkpoints")
         self.tracker.log_metrics({"final_loss": summary["final_loss"] or float("nan")}, step=self.step)
-        self.tracker.log_encoder(self.model.target_encoder, self.config.tracking.registered_model_name)
         self.tracker.finish("FINISHED")
         return TrainResult(self.output_dir, encoder_path, summary, self.tracker.run_id, self.step)
 

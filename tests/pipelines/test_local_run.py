@@ -67,9 +67,9 @@ def test_pipeline_runs_locally_and_logs_to_mlflow(
     assert pretrain.data.params["masking.strategy"] == "cross_crop_prediction"
     assert pretrain.data.params["model.embed_dim"] == "32"
     assert "final_loss" in pretrain.data.metrics or "loss" in pretrain.data.metrics
-    versions = client.search_model_versions(f"name='{MODEL_NAME}'")
-    assert [v.run_id for v in versions] == [pretrain.info.run_id]
     evaluation = children["evaluate"]
+    versions = client.search_model_versions(f"name='{MODEL_NAME}'")
+    assert [v.run_id for v in versions] == [evaluation.info.run_id]  # registered after evaluation
     assert evaluation.data.metrics["probe_top1"] == pytest.approx(run.probe_top1)
     assert evaluation.data.tags["hjepa.pretrain_run_id"] == pretrain.info.run_id
 

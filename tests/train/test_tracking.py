@@ -1,6 +1,5 @@
 """A training run's MLflow contents, against a real local MLflow server."""
 
-import mlflow
 from mlflow import MlflowClient
 
 from hjepa_core.config import load_config
@@ -28,8 +27,7 @@ def test_training_run_is_browsable_in_mlflow(tmp_path, mlflow_server):
     assert len(client.get_metric_history(result.run_id, "loss")) == 2  # log_every=2 over 4 steps
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "metrics.json", "loss_curve.png", "crops_and_masks.png", "encoder.pt"} <= artifacts
-    versions = client.search_model_versions("name='hjepa-encoder-test'")
-    assert [v.run_id for v in versions] == [result.run_id]
-    mlflow.set_tracking_uri(mlflow_server)
-    encoder = mlflow.pytorch.load_model(f"models:/hjepa-encoder-test/{versions[0].version}")
-    assert encoder.embed_dim == 32
+    # the final training state is an artifact; the encoder is registered only after evaluation
+    checkpoints = [a.path for a in client.list_artifacts(result.run_id, "checkpoints")]
+    assert checkpoints == ["checkpoints/checkpoint-00000004.pt"]
+    assert client.search_model_versions("name='hjepa-encoder-test'") == []
