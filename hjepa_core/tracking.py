@@ -256,7 +256,7 @@ def metric_history(run_id: str, key: str, tracking_uri: str | None = None) -> li
 # -- model registry -------------------------------------------------------------------------------
 # A registered version is an MLflow pyfunc model: a weights file loaded by SERVING_LOADER (no
 # pickled classes), hjepa_core shipped as code_paths, a signature and an input example.
-SERVING_LOADER = "hjepa_core.models.serving"
+SERVING_LOADER = "hjepa_core.serving"
 SERVING_DIR = "encoder"
 CANDIDATE_ALIAS = "candidate"
 CHAMPION_ALIAS = "champion"
@@ -288,7 +288,7 @@ def log_registered_encoder(
     run_id: str, tracking_uri: str | None, name: str, weights: str | Path, input_example: Any,
     output_example: Any, tags: dict[str, str],
 ) -> str:
-    """Logs ``weights`` (a :mod:`hjepa_core.models.serving` file) as a pyfunc model of run ``run_id``,
+    """Logs ``weights`` (a :mod:`hjepa_core.serving` file) as a pyfunc model of run ``run_id``,
     registers it as ``name`` with a signature and an input example, tags the new version and returns
     its number."""
     import shutil

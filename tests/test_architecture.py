@@ -17,6 +17,8 @@ MAX_LINES = 600
 #   - constants, utils: no hjepa_core imports but constants (utils), no torch in constants.
 #   - tracking (the only mlflow door) and plots (matplotlib; the one way a PNG is written) sit
 #     just above utils: every layer logs and draws.
+#   - serving (the registered encoder's file and MLflow loader) needs only the ViT, so a model
+#     loaded from the registry imports no training or evaluation code.
 #   - config validates masking strategies and encoder sizes with masks and models, so it sits
 #     above them; what reads a Config (train, eval, pipeline, cli) sits above it.
 LAYERS: tuple[tuple[str, ...], ...] = (
@@ -26,7 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("hjepa_core.masks",),
     ("hjepa_core.data",),
     ("hjepa_core.losses",),
-    ("hjepa_core.models",),
+    ("hjepa_core.models", "hjepa_core.serving"),
     ("hjepa_core.config",),
     ("hjepa_core.train",),
     ("hjepa_core.eval",),

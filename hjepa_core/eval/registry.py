@@ -2,7 +2,7 @@
 
 After :func:`hjepa_core.eval.evaluate` has scored a checkpoint, :func:`register_evaluated` logs
 the encoder that scored (the target or the context encoder, see ``selected_encoder``) as a pyfunc
-model of the evaluation run: weights plus architecture (:mod:`hjepa_core.models.serving`, no
+model of the evaluation run: weights plus architecture (:mod:`hjepa_core.serving`, no
 pickled classes), a signature, and an input example of real test images. The new version carries
 the scores and baselines as tags and the alias ``candidate`` (the newest evaluated version).
 ``champion`` moves to it only when its probe top-1 beats both the current champion's and the
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hjepa_core.eval.features import LoadedEncoder, pixel_batches
-from hjepa_core.models.serving import load_serving_encoder, save_serving_encoder
+from hjepa_core.serving import load_serving_encoder, save_serving_encoder
 from hjepa_core.tracking import (
     CANDIDATE_ALIAS,
     CHAMPION_ALIAS,

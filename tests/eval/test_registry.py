@@ -84,8 +84,8 @@ def test_evaluation_registers_a_scored_version(mlflow_server, evaluated, tmp_pat
     assert (outputs.type, outputs.shape) == (np.dtype("float32"), (-1, 32))
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=str(tmp_path)))
     flavor = info.flavors["python_function"]
-    assert flavor["loader_module"] == "hjepa_core.models.serving" and "python_model" not in flavor
-    assert (local / "code" / "hjepa_core" / "models" / "serving.py").is_file()
+    assert flavor["loader_module"] == "hjepa_core.serving" and "python_model" not in flavor
+    assert (local / "code" / "hjepa_core" / "serving.py").is_file()
     assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle") or p.name == "__pycache__"]
     example = mlflow.models.Model.load(str(local)).load_input_example(str(local))
     assert np.asarray(example).shape == (2, 3, 32, 32)
@@ -130,6 +130,6 @@ def test_champion_moves_only_past_champion_and_pixels_and_loads_in_a_fresh_proce
     selected = loaded.context_encoder if report["selected_encoder"] == "context" else loaded.encoder
     expected = encode_pixels(selected, pixels)  # the features the evaluation scored
     out = _load_in_fresh_process(mlflow_server, f"models:/{name}@champion", pixels.numpy(), tmp_path)
-    assert out["loader"] == "hjepa_core.models.serving"
+    assert out["loader"] == "hjepa_core.serving"
     assert "/code/hjepa_core/" in out["hjepa_core"], out["hjepa_core"]  # the model's copy, not an install
     assert torch.allclose(torch.tensor(out["features"]), expected, atol=1e-5)
