@@ -88,6 +88,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parent_run_id", help="pretraining run to nest under (default: looked up by output dir)")
     p.add_argument("--registered_model_name", help="register the scored encoder under this MLflow name "
                    "(default: the checkpoint config's tracking.registered_model_name; '' registers nothing)")
+    p.add_argument("--on_corrupt", choices=("skip", "fail"),
+                   help="corrupt shards: skip them (counted, reported) or fail (default: the checkpoint config's)")
+    p.add_argument("--max_corrupt_fraction", type=float,
+                   help="skipping more than this fraction of a split fails (default: the checkpoint config's)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_run_evaluate)
 
@@ -107,6 +111,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         use_cache=not args.no_cache, output_dir=args.output_dir, progress=not args.no_progress,
         tracking=args.tracking, tracking_uri=args.tracking_uri, experiment=args.experiment,
         parent_run_id=args.parent_run_id, registered_model_name=args.registered_model_name,
+        on_corrupt=args.on_corrupt, max_corrupt_fraction=args.max_corrupt_fraction,
     )
     try:
         config = load_config(args.config) if args.config else None
@@ -362,6 +367,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     its traceback."""
     from hjepa_core.config import ConfigError
     from hjepa_core.data.images import BadImageError
+    from hjepa_core.data.shards import ShardIntegrityError
     from hjepa_core.data.sources import DatasetNotFoundError
     from hjepa_core.eval import EvalError
     from hjepa_core.masks import MaskConfigError
@@ -370,7 +376,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from hjepa_core.utils import DiskFullError, RunLockedError
 
     return (ConfigError, MaskConfigError, DatasetNotFoundError, TrackingUnavailableError, BadImageError,
-            CheckpointError, EvalError, DiskFullError, RunLockedError, FileNotFoundError)
+            CheckpointError, EvalError, DiskFullError, RunLockedError, ShardIntegrityError, FileNotFoundError)
 
 
 if __name__ == "__main__":

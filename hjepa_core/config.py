@@ -64,6 +64,8 @@ class DataConfig:
     num_workers: int = 4
     pin_memory: bool = True
     knn_monitor_every: int = 0
+    on_corrupt: str = "skip"  # corrupt shards/samples: skip them (counted, reported) or fail the run
+    max_corrupt_fraction: float = 0.01  # skipping more than this fraction of the samples fails the run
 
 
 @dataclass
@@ -255,6 +257,11 @@ class Config:
                                  ("data.knn_monitor_every", self.data.knn_monitor_every, "no monitor")):
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0 (0: {zero}), got {value}")
+        if self.data.on_corrupt not in ("skip", "fail"):
+            raise ConfigError(f"data.on_corrupt={self.data.on_corrupt!r} must be 'skip' (count and report "
+                              "corrupt shards) or 'fail'")
+        if not 0.0 <= self.data.max_corrupt_fraction <= 1.0:
+            raise ConfigError(f"data.max_corrupt_fraction must be in [0, 1], got {self.data.max_corrupt_fraction}")
         if self.loss.collapse_every < 1:
             raise ConfigError(f"loss.collapse_every must be >= 1, got {self.loss.collapse_every}")
         for key in ("global_crop_scale", "local_crop_scale"):

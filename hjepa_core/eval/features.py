@@ -186,10 +186,10 @@ def pool_tokens(tokens: Tensor, pooling: str = "mean", levels: int = 1) -> Tenso
 
 
 class _ListSource(Dataset):
-    """Samples held in memory, with the source's ``classes``."""
+    """Samples held in memory, with the source's ``classes`` and ``integrity`` (shards)."""
 
-    def __init__(self, samples: list[tuple[Any, int]], classes: list[str]) -> None:
-        self.samples, self.classes = samples, classes
+    def __init__(self, samples: list[tuple[Any, int]], classes: list[str], integrity: Any = None) -> None:
+        self.samples, self.classes, self.integrity = samples, classes, integrity
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -229,7 +229,7 @@ def open_source(
     except TypeError:
         stride = 1
     kept = [sample for i, sample in zip(range(stride * max_samples), source, strict=False) if i % stride == 0]
-    return _ListSource(kept, list(getattr(source, "classes", [])))
+    return _ListSource(kept, list(getattr(source, "classes", [])), getattr(source, "integrity", None))
 
 
 def source_classes(source: Dataset, labels: Tensor) -> list[str]:
@@ -385,9 +385,12 @@ class FeatureCache:
         return self.root / f"{key.get('kind', 'features')}-{key.get('split', 'all')}-{digest}.pt"
 
     def get_or_compute(
-        self, key: dict[str, Any], compute: Callable[[], tuple[Tensor, Tensor]]
+        self, key: dict[str, Any], compute: Callable[[], tuple[Tensor, Tensor]],
+        keep: Callable[[], bool] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Cached ``(features, labels)`` for ``key``, computing and storing them on a miss."""
+        """Cached ``(features, labels)`` for ``key``, computing them on a miss and storing them
+        unless ``keep()`` says no (features of data read with losses are not cached, so the
+        next run reads, and reports, the damage again)."""
         path = self.path(key)
         text = json.dumps(key, sort_keys=True, default=str)
         if path is not None and path.is_file():
@@ -400,6 +403,6 @@ class FeatureCache:
                 return stored["features"], stored["labels"]
         self.misses += 1
         features, labels = compute()
-        if path is not None:
+        if path is not None and (keep is None or keep()):
             atomic_torch_save({"key": text, "features": features, "labels": labels}, path)
         return features, labels

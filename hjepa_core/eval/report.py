@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from hjepa_core.config import Config
+from hjepa_core.data.shards.integrity import ON_CORRUPT, ShardIntegrity, describe
 from hjepa_core.eval.features import (
     EvalError,
     FeatureCache,
@@ -66,6 +67,8 @@ class EvalSettings:
             ``tracking.registered_model_name``; "": register nothing.
         cache_dir: feature cache (None: ``$HJEPA_CACHE/features``); ``use_cache=False`` disables it.
         output_dir: where the report goes (None: ``<checkpoint dir>/eval``).
+        on_corrupt, max_corrupt_fraction: what corrupt shards do (skip them, counted and reported,
+            or fail; and the loss above which a skip fails); None: the checkpoint config's ``data.*``.
     """
 
     dataset: str | None = None
@@ -91,6 +94,8 @@ class EvalSettings:
     experiment: str | None = None
     parent_run_id: str | None = None
     registered_model_name: str | None = None
+    on_corrupt: str | None = None
+    max_corrupt_fraction: float | None = None
 
 
 def _random_init_encoder(loaded: LoadedEncoder, seed: int) -> VisionTransformer:
@@ -181,6 +186,8 @@ def _markdown(report: dict[str, Any]) -> str:
         "lr x weight decay chosen on a held-out part of train, refit on all of train",
         f"- kNN: k={report['settings']['k']}, cosine, temperature {report['settings']['temperature']}",
         f"- `encoder` is the better of the checkpoint's encoders: the **{report['selected_encoder']}** encoder",
+        *(f"- **{split} data: {describe(loss)}; skipped**" for split, loss in report["data_integrity"].items()
+          if loss["corrupt_shards"]),
         "",
         "| method | probe top-1 | probe top-5 | kNN top-1 | kNN top-5 | feature dim |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -200,6 +207,26 @@ def _markdown(report: dict[str, Any]) -> str:
         lines += [f"| {c} | {pct(a) if a == a else '-'} |"
                   for c, a in zip(report["classes"], encoder["probe"]["per_class"], strict=False)]
     return "\n".join(lines) + "\n"
+
+
+def _intact(integrity: ShardIntegrity | None) -> bool:
+    return integrity is None or not integrity.summary()["corrupt_shards"]
+
+
+def _check_data(integrity: ShardIntegrity | None, settings: EvalSettings, loaded: LoadedEncoder, split: str) -> None:
+    """Applies the corrupt-data policy (settings, else the checkpoint config's) to a split's
+    shards as read so far; a loss it allows is warned in one line."""
+    if integrity is None or _intact(integrity):
+        return
+    data = loaded.config.data
+    on_corrupt = settings.on_corrupt or data.on_corrupt
+    limit = data.max_corrupt_fraction if settings.max_corrupt_fraction is None else settings.max_corrupt_fraction
+    if on_corrupt not in ON_CORRUPT or not 0.0 <= limit <= 1.0:
+        raise EvalError(f"on_corrupt={on_corrupt!r} must be one of {', '.join(ON_CORRUPT)} and "
+                        f"max_corrupt_fraction={limit} in [0, 1]")
+    summary = integrity.check(on_corrupt, limit, f"{split} data")
+    warnings.warn(f"{split} data: {describe(summary)}; evaluated without them (on_corrupt={on_corrupt}, "
+                  f"max_corrupt_fraction={limit})", stacklevel=3)
 
 
 def _resolve_dataset(settings: EvalSettings, config: Config) -> tuple[str, str | None]:
@@ -334,6 +361,7 @@ def _run(
         )
         identities["pixels"] = (None, {"kind": "pixels", "pixel_size": settings.pixel_size})
     splits = {"train": (train_source, settings.max_train_samples), "test": (test_source, settings.max_test_samples)}
+    integrity = {split: getattr(source, "integrity", None) for split, (source, _) in splits.items()}
     fingerprints = {split: data_fingerprint(dataset, data_path, split) for split in splits}
     methods: dict[str, dict[str, Any]] = {}
     labels: dict[str, Tensor] = {}
@@ -349,7 +377,9 @@ def _run(
                 batch_size=settings.batch_size, num_workers=settings.num_workers, progress=settings.progress,
                 desc=f"{name} features ({split})", pixel_size=settings.pixel_size,
             )
-            feats[split], split_labels = cache.get_or_compute(key, compute)
+            intact = functools.partial(_intact, integrity[split])
+            feats[split], split_labels = cache.get_or_compute(key, compute, intact)
+            _check_data(integrity[split], settings, loaded, split)
             if split in labels and not torch.equal(labels[split], split_labels):
                 raise EvalError(f"{split} labels differ between methods; the dataset changed during evaluation")
             labels[split] = split_labels
@@ -373,6 +403,9 @@ def _run(
                          "seconds": {"features": round(extract_s, 2), "probe": round(probe_s, 2),
                                      "knn": round(time.perf_counter() - start, 2)}}
     methods, selected = _select_encoder(methods)
+    data_loss = {split: table.summary() for split, table in integrity.items() if table is not None}
+    metrics = flat_metrics(methods)
+    metrics.update({f"data/{split}_lost_samples": loss["lost_samples"] for split, loss in data_loss.items()})
     report: dict[str, Any] = {
         "checkpoint": str(loaded.path),
         "selected_encoder": selected,
@@ -388,7 +421,8 @@ def _run(
         "settings": {**asdict(settings), "device": str(device),
                      "tracking_uri": redact_url(settings.tracking_uri) if settings.tracking_uri else None},
         "methods": methods,
-        "metrics": flat_metrics(methods),
+        "metrics": metrics,
+        "data_integrity": data_loss,
         "cache": {"hits": cache.hits, "misses": cache.misses, "dir": str(cache.root) if cache.root else None},
         "files": {"json": str(output_dir / EVAL_FILE), "confusion_matrix": str(output_dir / CONFUSION_FILE),
                   "report": str(output_dir / REPORT_FILE)},

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from hjepa_core.config import Config, ConfigError
 from hjepa_core.data.multicrop_dataset import MultiCropBatch, build_multicrop_dataloader, build_multicrop_dataset
+from hjepa_core.data.shards.integrity import describe
 from hjepa_core.losses import collapse_metrics
 from hjepa_core.models.hjepa import HJEPA, build_hjepa
 from hjepa_core.models.vit import VisionTransformer
@@ -147,6 +148,7 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
+        self.integrity = getattr(self.dataset, "integrity", None)  # shards: corrupt shards and lost samples
         self.batches_per_epoch = len(self.loader)
         self.steps_per_epoch = self.batches_per_epoch // t.accumulation_steps
         if self.steps_per_epoch < 1:
@@ -353,6 +355,7 @@ class Trainer:
                         if self.device.type == "cuda":
                             metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                         self._log(metrics)
+                        self._check_data()
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
                         window, window_images, window_start = {}, 0, time.perf_counter()
                     if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0:
@@ -367,6 +370,9 @@ class Trainer:
                     self._run_monitor()
                     clock = time.perf_counter()  # monitoring is not training time
         bar.close()
+        if self.integrity is not None:
+            self.integrity.merge_ranks()
+            self._check_data()
         if not preempted:
             self._run_monitor(final=True)
         checkpoint = self.save_checkpoint()
@@ -380,6 +386,17 @@ class Trainer:
             return
         self._monitor_step = self.step
         self._log(self.monitor(self.model.target_encoder, self.device))
+
+    def _check_data(self) -> None:
+        """Applies ``data.on_corrupt`` and ``data.max_corrupt_fraction`` to the shards read so far
+        (raising :class:`ShardIntegrityError`), and logs the loss once there is one."""
+        if self.integrity is None:
+            return
+        d = self.config.data
+        summary = self.integrity.check(d.on_corrupt, d.max_corrupt_fraction, "training data")
+        if summary["corrupt_shards"]:
+            self._log({"data/corrupt_shards": len(summary["corrupt_shards"]),
+                       "data/lost_samples": summary["lost_samples"], "data/lost_fraction": summary["fraction"]})
 
     def _log(self, metrics: dict[str, float]) -> None:
         if not self.dist.is_main:
@@ -400,6 +417,12 @@ class Trainer:
             "preempted": preempted,
             "history": self.history,
         }
+        if self.integrity is not None:
+            summary["data_integrity"] = self.integrity.summary()
+            if summary["data_integrity"]["corrupt_shards"]:
+                warnings.warn(f"training data: {describe(summary['data_integrity'])}; skipped (data.on_corrupt="
+                              f"{self.config.data.on_corrupt}, data.max_corrupt_fraction="
+                              f"{self.config.data.max_corrupt_fraction})", stacklevel=2)
         atomic_write_text(self.output_dir / METRICS_FILE, json.dumps(summary, indent=2))
         flat = {k: summary[k] for k in ("steps", "epochs_completed", "final_loss")}
         atomic_write_text(self.output_dir / SUMMARY_FILE, json.dumps(flat, indent=2))

@@ -7,6 +7,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -39,6 +40,7 @@ from hjepa_core.data.shards import (
 )
 from hjepa_core.data.sources import ArrayImageDataset
 from tests.conftest import smooth_image
+from tests.damage import KINDS, damage_shard
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -93,7 +95,7 @@ def test_round_trip_content_and_manifest(fm_small, fm_shards):
     for shard in info["shards"]:
         data = (fm_shards / shard["name"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == shard["sha256"] and len(data) == shard["bytes"]
-    # Standard tar: three members per sample, named <key>.<ext>, in the seeded shuffled order.
+    # Standard tar: four members per sample, named <key>.<ext>, in the seeded shuffled order.
     names = []
     for shard in info["shards"]:
         with tarfile.open(fm_shards / shard["name"]) as tar:
@@ -102,7 +104,7 @@ def test_round_trip_content_and_manifest(fm_small, fm_shards):
                 first = tar.getnames()[0].split(".")[0]
                 record = json.loads(tar.extractfile(f"{first}.json").read())
     order = shuffled_order(N, 0)
-    assert names == [f"train_{i:09d}.{ext}" for i in order for ext in ("cls", "json", "png")]
+    assert names == [f"train_{i:09d}.{ext}" for i in order for ext in ("cls", "json", "png", "sha256")]
     assert order != sorted(order) and sorted(order) == list(range(N))
     index = order[256]
     assert record["source_id"] == f"fm:train:{index}" and record["original_size"] == [28, 28]
@@ -255,7 +257,7 @@ def _assert_only_complete_shards(folder: Path, split: str, per_shard: int) -> No
     for name in _tars(folder):
         if name.startswith(split):
             with tarfile.open(folder / name) as tar:
-                assert len(tar.getnames()) == 3 * per_shard, name
+                assert len(tar.getnames()) == 4 * per_shard, name
 
 
 def test_interrupted_write_leaves_no_complete_looking_shard(fm_small, fm_shards, tmp_path):
@@ -420,7 +422,7 @@ def test_training_stream_is_keyed_and_resumes_exactly(fm_shards):
     assert run(1) == first  # set_epoch clears the skip
 
 
-def test_urls_pipe_fsspec_and_sha256_verification(fm_shards, tmp_path):
+def test_urls_pipe_and_fsspec(fm_shards):
     pattern = f"pipe:cat {fm_shards}/test-{{000000..000002}}.tar"
     assert sorted(_indices(ShardSource(pattern, "test"))) == list(range(100))
 
@@ -430,18 +432,10 @@ def test_urls_pipe_fsspec_and_sha256_verification(fm_shards, tmp_path):
     for path in fm_shards.iterdir():
         if path.name.startswith("test") or path.name == "manifest.json":
             memory.pipe(f"memory://hjepa-test/{path.name}", path.read_bytes())
-    remote = ShardSource("memory://hjepa-test/manifest.json", "test", verify=True)
+    remote = ShardSource("memory://hjepa-test/manifest.json", "test")
     assert len(remote) == 100 and sorted(_indices(remote)) == list(range(100))
-
-    damaged = tmp_path / "damaged"
-    damaged.mkdir()
-    for path in fm_shards.iterdir():
-        (damaged / path.name).write_bytes(path.read_bytes())
-    data = bytearray((damaged / "test-000001.tar").read_bytes())
-    data[700] ^= 0xFF  # inside the first member's data
-    (damaged / "test-000001.tar").write_bytes(bytes(data))
-    with pytest.raises(ShardIntegrityError, match=r"test-000001\.tar: sha256"):
-        list(ShardSource(damaged, "test", verify=True))
+    assert remote.integrity.summary() == {"samples": 100, "lost_samples": 0, "fraction": 0.0,
+                                          "corrupt_shards": []}
     with pytest.raises(ValueError, match="epoch_samples"):
         ShardMultiCropDataset("memory://hjepa-test/test-{000000..000002}.tar", "test")
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -464,3 +458,65 @@ def test_torchrun_two_processes_split_shards(fm_shards, tmp_path):
     assert not set(rank0) & set(rank1) and sorted(rank0 + rank1) == list(range(100))
     assert (len(rank0), len(rank1)) == (len0, len1) == (60, 40)  # shards 0, 2 | 1 (40 each, last 20)
     assert result["train_batches"] == [18, 18] and result["loader_len"] == 18
+
+
+def _damage(fm_shards: Path, folder: Path, kind: str) -> int:
+    """The test split in ``folder`` with ``test-000001.tar`` (40 samples) damaged at sample 10;
+    returns the samples lost."""
+    folder.mkdir()
+    for path in fm_shards.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    return damage_shard(folder / "test-000001.tar", kind, 10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_corrupt_shards_are_skipped_counted_and_named_in_one_line(fm_shards, tmp_path, kind):
+    lost = _damage(fm_shards, tmp_path / "damaged", kind)
+    source = ShardSource(tmp_path / "damaged", "test")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read = _indices(source)
+    assert len(read) == len(set(read)) == 100 - lost
+    summary = source.integrity.summary()
+    shard = str(tmp_path / "damaged" / "test-000001.tar")
+    assert summary["samples"] == 100 and summary["lost_samples"] == lost
+    assert [s["shard"] for s in summary["corrupt_shards"]] == [shard]
+    reason = {"flipped bytes": "samples fail their checksum", "broken tar header": "fewer samples than the manifest",
+              "truncated": "tar read error (ReadError: unexpected end of data)",
+              "zero-byte": "tar read error (ReadError: empty file)"}[kind]
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "\n" not in messages[0]
+    assert messages[0].startswith(f"{shard}: {reason}") and f"{lost} of 40 samples lost" in messages[0]
+    # The policy: skip up to max_corrupt_fraction, else one line naming the shard and the fix.
+    assert source.integrity.check("skip", 0.5, "test data") == summary
+    with pytest.raises(ShardIntegrityError, match=rf"^test data: 1 corrupt shard\(s\) {re.escape(shard)} .*"
+                                                  rf"{lost} of 100 samples .* lost, data.on_corrupt=fail;"):
+        source.integrity.check("fail", 1.0, "test data")
+    with pytest.raises(ShardIntegrityError, match=r"more than data.max_corrupt_fraction=0.005; re-run `hjepa shard`"):
+        source.integrity.check("skip", 0.005, "test data")
+
+
+def test_shards_without_sample_checksums_are_checked_by_their_sha256(fm_shards, tmp_path):
+    """Shards from before sample checksums: the manifest's sha256, computed as the shard streams."""
+    folder = tmp_path / "old"
+    _damage(fm_shards, folder, "flipped bytes")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for record in manifest["splits"]["test"]["shards"]:
+        record.pop("sample_checksums")
+        path = folder / record["name"]
+        with tarfile.open(path) as tar:
+            kept = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if not m.name.endswith(".sha256")]
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for member, data in kept:
+                tar.addfile(member, io.BytesIO(data))
+        record["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    data = bytearray((folder / "test-000002.tar").read_bytes())
+    data[2000] ^= 0xFF  # damaged after its sha256 was recorded
+    (folder / "test-000002.tar").write_bytes(bytes(data))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    source = ShardSource(folder, "test")
+    with pytest.warns(UserWarning, match=r"test-000002\.tar: sha256 differs from the manifest"):
+        _indices(source)
+    summary = source.integrity.summary()
+    assert [Path(s["shard"]).name for s in summary["corrupt_shards"]] == ["test-000002.tar"]
+    assert summary["lost_samples"] == 20  # which of its samples are damaged cannot be told

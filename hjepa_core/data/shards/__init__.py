@@ -6,11 +6,14 @@
   into one split's URLs (:func:`resolve_shards`);
 - :mod:`.writer`: :func:`write_shards` (``hjepa shard``): seeded order, byte-stable tar
   members, bad inputs skipped and listed, crash-safe renames;
+- :mod:`.integrity`: sample checksums, counts against the manifest and the shared table of
+  corrupt shards and lost samples that a run reports and applies its policy to;
 - :mod:`.reader`: :class:`ShardMultiCropDataset` (pretraining, resampled per DDP rank) and
   :class:`ShardSource` (evaluation, each sample exactly once across ranks x workers).
 """
 
-from hjepa_core.data.shards.manifest import ShardIntegrityError, ShardList, read_manifest, resolve_shards
+from hjepa_core.data.shards.integrity import ShardIntegrity, ShardIntegrityError
+from hjepa_core.data.shards.manifest import ShardList, read_manifest, resolve_shards
 from hjepa_core.data.shards.reader import (
     ShardMultiCropDataset,
     ShardSource,
@@ -22,6 +25,7 @@ from hjepa_core.data.shards.writer import shuffled_order, write_shards
 
 __all__ = [
     "MANIFEST_NAME",
+    "ShardIntegrity",
     "ShardIntegrityError",
     "ShardList",
     "ShardMultiCropDataset",

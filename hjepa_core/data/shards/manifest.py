@@ -22,10 +22,6 @@ MANIFEST_FORMAT = "hjepa-webdataset-shards"
 MANIFEST_VERSION = 1
 
 
-class ShardIntegrityError(RuntimeError):
-    """A shard whose bytes do not match the manifest's sha256 (or that cannot be checked)."""
-
-
 def read_manifest(location: str | os.PathLike) -> dict:
     """Reads ``manifest.json`` from a shard directory, a manifest path or a manifest URL."""
     text = str(location)

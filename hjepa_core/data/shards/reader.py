@@ -14,13 +14,13 @@ the same number of batches however unevenly the shards would split; a handful of
 are split by rank, then by worker, so every sample comes exactly once across ranks x workers;
 when there are fewer shards than ranks (or than a rank's workers) the split falls back to
 sample level (every slot reads the shards and keeps every k-th sample), never an idle
-worker or a silent hang. ``verify=True`` checks each shard's sha256 against the manifest.
+worker or a silent hang. Every shard is checked as it is read (:mod:`.integrity`): a corrupt
+sample or the unreadable rest of a shard is skipped, and the loss is recorded in ``integrity``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import functools
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -35,7 +35,8 @@ from torch.utils.data import IterableDataset
 from hjepa_core.data.images import BadImageError, EncodedImage, load_image
 from hjepa_core.data.multicrop_transforms import MultiCropTransform, build_multicrop_transform
 from hjepa_core.data.samples import MultiCropSample, sample_seed
-from hjepa_core.data.shards.manifest import ShardIntegrityError, ShardList, resolve_shards
+from hjepa_core.data.shards.integrity import ShardIntegrity, read_shard
+from hjepa_core.data.shards.manifest import ShardList, resolve_shards
 from hjepa_core.data.shards.spec import open_url, shard_spec_from
 from hjepa_core.utils import SEED_MODULUS, mix_seeds, rank_world
 
@@ -66,8 +67,8 @@ class _Plan:
     notes: list[str] = field(default_factory=list)
 
 
-_STREAM_OPTIONS = ("manifest", "epoch_samples", "shuffle_buffer", "seed", "verify",
-                   "skip_bad_images", "rank", "world_size")
+_STREAM_OPTIONS = ("manifest", "epoch_samples", "shuffle_buffer", "seed", "skip_bad_images", "rank",
+                   "world_size")
 
 
 class _ShardStream(IterableDataset):
@@ -83,7 +84,6 @@ class _ShardStream(IterableDataset):
         epoch_samples: int | None = None,
         shuffle_buffer: int = 1000,
         seed: int = 0,
-        verify: bool = False,
         skip_bad_images: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
@@ -94,7 +94,8 @@ class _ShardStream(IterableDataset):
         self.resampled = resampled
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
-        self.verify = verify
+        self.integrity = ShardIntegrity(self.shards.urls, self.shards.shard_counts())
+        self._index = {url: i for i, url in enumerate(self.shards.urls)}
         self.skip_bad_images = skip_bad_images
         self.rank = rank
         self.world_size = world_size
@@ -102,13 +103,6 @@ class _ShardStream(IterableDataset):
         # epoch, epoch_was_set, skip_batches, batch_size: in shared memory so that set_epoch()
         # and skip_batches() reach persistent DataLoader workers too.
         self._state = torch.zeros(4, dtype=torch.int64).share_memory_()
-        if verify:
-            missing = [u for u in self.shards.urls if not (self.shards.shard_info(u) or {}).get("sha256")]
-            if missing:
-                raise ShardIntegrityError(
-                    f"verify=True but the manifest has no sha256 for {missing[0]} "
-                    f"({len(missing)} shard(s)); pass manifest= or verify=False"
-                )
         if resampled and epoch_samples is None:
             total = self.shards.num_samples
             if total is None:
@@ -197,31 +191,17 @@ class _ShardStream(IterableDataset):
         return plan
 
     def _open(self, urls: Iterable[dict]) -> Iterator[dict]:
-        """Opens each shard (verifying it when asked) and yields its raw tar members."""
-        from webdataset.tariterators import tar_file_expander
-
+        """The intact raw samples of each shard, checked as they are read (see :mod:`.integrity`)."""
         for item in urls:
             url = item["url"]
-            with open_url(url) as stream:
-                if self.verify:
-                    data = stream.read()
-                    expected = (self.shards.shard_info(url) or {}).get("sha256")
-                    actual = hashlib.sha256(data).hexdigest()
-                    if actual != expected:
-                        raise ShardIntegrityError(
-                            f"{url}: sha256 {actual} does not match the manifest's {expected}; "
-                            "the shard is damaged or from another run: re-run `hjepa shard`"
-                        )
-                    yield from tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])
-                else:
-                    yield from tar_file_expander([{"url": url, "stream": stream}])
+            yield from read_shard(url, functools.partial(open_url, url), self._index[url], self.integrity,
+                                  self.shards.shard_info(url))
 
     def _raw_samples(self, stream_seed: int, role: int | None = None) -> Iterator[dict]:
         """WebDataset sample dicts for this (rank, worker) and epoch; ``role`` replaces the
         worker id in training mode (see :meth:`skip_batches`)."""
         import webdataset as wds
         from webdataset.shardlists import ResampledShards, SimpleShardList
-        from webdataset.tariterators import group_by_keys
 
         rank, world = rank_world(self.rank, self.world_size)
         worker, workers = _worker()
@@ -229,7 +209,7 @@ class _ShardStream(IterableDataset):
             worker = worker if role is None else role
             shard_source = ResampledShards(self.shards.urls, seed=stream_seed, deterministic=True,
                                            worker_seed=lambda: 0)
-            stages: list[Any] = [shard_source, self._open, group_by_keys]
+            stages: list[Any] = [shard_source, self._open]
             mine = _share(int(self.epoch_samples), worker, workers)  # type: ignore[arg-type]
             if mine == 0:
                 return iter(())
@@ -250,7 +230,7 @@ class _ShardStream(IterableDataset):
             )
         if not plan.urls:
             return iter(())
-        node = [SimpleShardList(plan.urls), self._open, group_by_keys]
+        node = [SimpleShardList(plan.urls), self._open]
         pipeline = wds.DataPipeline(*node)
         return _take_every(iter(pipeline), plan.sample_start, plan.sample_step)
 
@@ -292,12 +272,12 @@ class ShardSource(_ShardStream):
     """Streams ``(PIL RGB image, label)`` from shards, each sample exactly once across ranks
     and DataLoader workers (evaluation, feature extraction). Has ``classes`` and, with a
     manifest, ``len()`` (this rank's share). Unreadable samples are skipped and counted in
-    ``num_skipped`` (per process).
+    ``num_skipped`` (per process); corrupt shards and samples in ``integrity`` (all processes).
 
     Args:
         shards: see :func:`resolve_shards`.
         split: the manifest split.
-        manifest, verify, rank, world_size, skip_bad_images: see :class:`ShardMultiCropDataset`.
+        manifest, rank, world_size, skip_bad_images: see :class:`ShardMultiCropDataset`.
     """
 
     def __init__(
@@ -306,13 +286,12 @@ class ShardSource(_ShardStream):
         split: str = "test",
         *,
         manifest: str | os.PathLike | dict | None = None,
-        verify: bool = False,
         skip_bad_images: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        super().__init__(shards, split, manifest=manifest, verify=verify,
-                         skip_bad_images=skip_bad_images, rank=rank, world_size=world_size)
+        super().__init__(shards, split, manifest=manifest, skip_bad_images=skip_bad_images, rank=rank,
+                         world_size=world_size)
 
     def __iter__(self) -> Iterator[tuple[Image.Image, int]]:
         for item in self._decoded():
@@ -352,7 +331,6 @@ class ShardMultiCropDataset(_ShardStream):
         shuffle_buffer: sample shuffle buffer per worker in training mode (<= 1: off), capped
             at 1/20 of the worker's epoch share (what it holds at the epoch's end is wasted).
         seed: base seed.
-        verify: check each shard's sha256 against the manifest as it is read.
         skip_bad_images: yield None (dropped and counted by the collator) for unreadable
             samples instead of raising.
         rank, world_size: override ``torch.distributed`` / the ``RANK``/``WORLD_SIZE`` env vars.
@@ -415,7 +393,7 @@ def build_shard_multicrop_dataset(
 ) -> ShardMultiCropDataset:
     """A :class:`ShardMultiCropDataset`; ``resampled`` defaults to ``split == "train"``.
 
-    ``kwargs`` are the dataset's own options (``epoch_samples``, ``seed``, ``verify`` ...) and
+    ``kwargs`` are the dataset's own options (``epoch_samples``, ``seed`` ...) and
     the rest go to :func:`build_multicrop_transform`. ``max_samples`` caps a resampled epoch
     at that many samples over all ranks (the cost of a ``max_samples`` subset, drawn from all
     shards rather than from a fixed subset).

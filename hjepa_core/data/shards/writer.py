@@ -1,8 +1,9 @@
 """Writing any image source as WebDataset ``.tar`` shards (:func:`write_shards`, ``hjepa shard``).
 
 Shards are ``{split}-%06d.tar``; each sample is ``<key>.png|jpg`` (the image), ``<key>.cls``
-(the integer label as text) and ``<key>.json`` (source id, original size/mode/format, label,
-class name). ``manifest.json`` is written last and lists, per split, the sample counts per
+(the integer label as text), ``<key>.json`` (source id, original size/mode/format, label,
+class name) and ``<key>.sha256`` (the digest of the other three, which the reader checks:
+:mod:`.integrity`). ``manifest.json`` is written last and lists, per split, the sample counts per
 class, the class names, every shard's sample count, byte size and sha256, the skipped
 inputs with their reasons, the source and the parameters.
 
@@ -50,6 +51,7 @@ from torch.utils.data import Dataset
 from hjepa_core.constants import DEFAULT_SAMPLES_PER_SHARD, SHARD_IMAGE_FORMATS
 from hjepa_core.data.images import BadImageError, decode_image, to_rgb
 from hjepa_core.data.raw_sources import build_raw_source
+from hjepa_core.data.shards.integrity import CHECKSUM_KEY, sample_digest
 from hjepa_core.data.shards.manifest import load_manifest_or_new, save_manifest
 from hjepa_core.utils import AtomicFile, fsync_dir, make_dirs
 
@@ -194,6 +196,7 @@ def _encode_index(source: Dataset, index: int, options: _EncodeOptions, classes:
     record = _record(source_id, image, label, classes, converted, reencoded)
     files = {ext: payload, "cls": str(label).encode(),
              "json": json.dumps(record, sort_keys=True).encode()}
+    files[CHECKSUM_KEY] = sample_digest(files).encode()  # the reader checks each sample as it reads it
     return _Encoded(index, label, _tar_members(f"{options.split}_{index:09d}", files), record)
 
 
@@ -235,8 +238,8 @@ class _ShardWriter:
         self.write(bytes(_tar_file_size(self.bytes) - self.bytes))
         self.count -= 1
         self._file.commit()
-        return {"name": self.name, "num_samples": self.count,
-                "bytes": self.bytes, "sha256": self._sha256.hexdigest()}
+        return {"name": self.name, "num_samples": self.count, "bytes": self.bytes,
+                "sha256": self._sha256.hexdigest(), "sample_checksums": True}
 
     def abort(self) -> None:
         self._file.abort()
