@@ -156,6 +156,7 @@ class TrackingConfig:
     registered_model_name: str | None = "hjepa-encoder"
     parent_run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    timeout_s: float = 30.0  # an MLflow call after start-up is given up (and warned) after this long
 
 
 @dataclass
@@ -262,6 +263,8 @@ class Config:
                               "corrupt shards) or 'fail'")
         if not 0.0 <= self.data.max_corrupt_fraction <= 1.0:
             raise ConfigError(f"data.max_corrupt_fraction must be in [0, 1], got {self.data.max_corrupt_fraction}")
+        if not (math.isfinite(self.tracking.timeout_s) and self.tracking.timeout_s > 0):
+            raise ConfigError(f"tracking.timeout_s must be > 0 seconds, got {self.tracking.timeout_s}")
         if self.loss.collapse_every < 1:
             raise ConfigError(f"loss.collapse_every must be >= 1, got {self.loss.collapse_every}")
         for key in ("global_crop_scale", "local_crop_scale"):

@@ -2,7 +2,8 @@
 
 The URI comes from ``tracking.tracking_uri`` or ``MLFLOW_TRACKING_URI`` (else MLflow's own
 default). :func:`check_tracking_uri` fails fast, before any training, when a server is not
-reachable. :class:`NullTracker` stands in when tracking is off and on non-zero ranks.
+reachable; after start-up, :class:`BestEffortTracker` keeps a server that dies or hangs from
+ever blocking training. :class:`NullTracker` stands in when tracking is off and on non-zero ranks.
 """
 
 from __future__ import annotations
@@ -166,17 +167,98 @@ class MlflowTracker(NullTracker):
         self._client.set_terminated(self.run_id, status=status)
 
 
+class BestEffortTracker(NullTracker):
+    """Forwards to a started tracker without ever blocking or failing the caller (training).
+
+    Each call runs in a daemon thread and is given up after ``timeout`` seconds (uploads:
+    ``10 x timeout``); an error or a timeout is one warning, and the calls after it are skipped,
+    and counted in ``skipped``, until the server answers ``/health`` again (asked at most every
+    ``retry_every`` seconds, with a 2 s timeout). A call given up may still complete in its thread.
+    """
+
+    def __init__(self, tracker: NullTracker, uri: str | None, timeout: float = 30.0,
+                 retry_every: float = 30.0) -> None:
+        self.tracker, self.uri, self.timeout, self.retry_every = tracker, uri, timeout, retry_every
+        self.run_id, self.experiment_id = tracker.run_id, tracker.experiment_id
+        self.skipped = 0
+        self._retry_at: float | None = None  # set while the server is considered down
+
+    def _available(self) -> bool:
+        import time
+
+        if self._retry_at is None:
+            return True
+        if time.monotonic() < self._retry_at:
+            return False
+        try:
+            check_tracking_uri(resolve_tracking_uri(self.uri), timeout=2.0)
+        except TrackingUnavailableError:
+            self._retry_at = time.monotonic() + self.retry_every
+            return False
+        self._retry_at = None
+        return True
+
+    def _call(self, name: str, *args: Any, upload: bool = False) -> None:
+        import threading
+        import time
+        import warnings
+
+        if not self._available():
+            self.skipped += 1
+            return
+        errors: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                getattr(self.tracker, name)(*args)
+            except BaseException as exc:  # reported below, never raised into training
+                errors.append(exc)
+
+        thread = threading.Thread(target=call, name=f"mlflow-{name}", daemon=True)
+        thread.start()
+        limit = self.timeout * (10 if upload else 1)
+        thread.join(limit)
+        if not (thread.is_alive() or errors):
+            return
+        self.skipped += 1
+        self._retry_at = time.monotonic() + self.retry_every
+        reason = f"no answer in {limit:g} s" if thread.is_alive() else f"{type(errors[0]).__name__}: {errors[0]}"
+        reason = " ".join(reason.split())[:300]
+        where = redact_url(resolve_tracking_uri(self.uri) or "MLflow")
+        warnings.warn(f"MLflow {name} failed ({reason}); training goes on and skips MLflow calls until {where} "
+                      f"answers again (asked every {self.retry_every:g} s); its files are written locally",
+                      stacklevel=3)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._call("log_params", params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._call("log_metrics", metrics, step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._call("log_artifact", path, artifact_path, upload=True)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._call("set_tags", tags)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._call("finish", status)
+
+
 def start_tracker(tracking_cfg: Any, enabled: bool = True) -> NullTracker:
-    """An :class:`MlflowTracker` when tracking is on for this process, else a :class:`NullTracker`."""
+    """A :class:`BestEffortTracker` over a new :class:`MlflowTracker` run when tracking is on for
+    this process, else a :class:`NullTracker`. Starting raises (:class:`TrackingUnavailableError`
+    for a server that does not answer); everything after start-up is best-effort."""
     if not (enabled and tracking_cfg.enabled):
         return NullTracker()
-    return MlflowTracker(
+    tracker = MlflowTracker(
         experiment=tracking_cfg.experiment,
         run_name=tracking_cfg.run_name,
         tracking_uri=tracking_cfg.tracking_uri,
         parent_run_id=tracking_cfg.parent_run_id,
         tags=tracking_cfg.tags,
     )
+    return BestEffortTracker(tracker, tracking_cfg.tracking_uri, timeout=tracking_cfg.timeout_s)
 
 
 class ExperimentNotFoundError(LookupError):

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,52 +104,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real MLflow tracking server on 127.0.0.1 (sqlite backend, proxied artifacts in tmp).
-
-    Yields its URI; the server (its whole process group) is stopped at the end of the session.
-    Cold start takes ~12 s, so one server serves every test that needs one.
-    """
-    import os
-    import shutil
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    if shutil.which("mlflow", path=str(Path(sys.executable).parent)) is None:
-        pytest.skip("mlflow is not installed (pip install -e '.[tracking]')")
-    root = tmp_path_factory.mktemp("mlflow_server")
+def start_mlflow_server(root: Path) -> tuple[str, subprocess.Popen]:
+    """Starts a real MLflow tracking server on 127.0.0.1 (sqlite backend, proxied artifacts under
+    ``root``) in its own process group; returns its URI and process once it answers /health."""
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "wb")  # noqa: SIM115 (closed at teardown)
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    with open(root / "server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    return uri, proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_mlflow_server(proc)
+            raise RuntimeError(f"MLflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+
+
+def stop_mlflow_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stops a server from :func:`start_mlflow_server` (its whole process group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real MLflow tracking server on 127.0.0.1 (see :func:`start_mlflow_server`), one for the
+    session: cold start takes ~12 s. Yields its URI; stopped at the end of the session."""
+    if shutil.which("mlflow", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("mlflow is not installed (pip install -e '.[tracking]')")
+    uri, proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"))
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"MLflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
         yield uri
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
+        stop_mlflow_server(proc)

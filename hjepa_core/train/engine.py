@@ -31,7 +31,7 @@ from hjepa_core.losses import collapse_metrics
 from hjepa_core.models.hjepa import HJEPA, build_hjepa
 from hjepa_core.models.vit import VisionTransformer
 from hjepa_core.plots import plot_curves
-from hjepa_core.tracking import start_tracker
+from hjepa_core.tracking import check_tracking_uri, resolve_tracking_uri, start_tracker
 from hjepa_core.train.checkpoint import CheckpointError, load_resume, remove_stale_temps, save_checkpoint
 from hjepa_core.train.distributed import DistInfo, init_distributed, shutdown_distributed
 from hjepa_core.train.optim import build_optimizer, set_schedule
@@ -88,6 +88,23 @@ def save_encoder(model: HJEPA, config: Config, path: Path, run_id: str | None = 
     return atomic_torch_save(state, path)
 
 
+def check_fills_a_step(dataset: torch.utils.data.Dataset, config: Config, world_size: int) -> None:
+    """Raises :class:`ConfigError` when the training data cannot fill one optimizer step on every
+    rank (``training.batch_size`` x ``training.accumulation_steps`` samples), before any training."""
+    try:
+        size = len(dataset)  # type: ignore[arg-type]
+    except TypeError:  # a stream of unknown length
+        return
+    per_rank = size if isinstance(dataset, torch.utils.data.IterableDataset) else size // world_size
+    t, d = config.training, config.data
+    needed = t.batch_size * t.accumulation_steps
+    if per_rank < needed:
+        where = f"data.dataset={d.dataset}" + (f", data.max_samples={d.max_samples}" if d.max_samples else "")
+        raise ConfigError(f"the training data ({where}) has {per_rank} samples per rank, fewer than one step "
+                          f"needs (training.batch_size={t.batch_size} x training.accumulation_steps="
+                          f"{t.accumulation_steps}); lower training.batch_size or use more data")
+
+
 class _PreemptionFlag:
     """Turns SIGTERM (Kubernetes pre-emption) into a flag the loop checks after each step."""
 
@@ -125,8 +142,8 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.output_dir = Path(t.output_dir)
         self.progress = progress and self.dist.is_main
-        # Fail on an unreachable tracking server before any data or model work.
-        self.tracker = start_tracker(config.tracking, enabled=self.dist.is_main)
+        if self.dist.is_main and config.tracking.enabled:  # an unreachable server fails before any work
+            check_tracking_uri(resolve_tracking_uri(config.tracking.tracking_uri))
         torch.manual_seed(t.seed)
 
         self.dataset = build_multicrop_dataset(
@@ -136,6 +153,7 @@ class Trainer:
             max_samples=config.data.max_samples,
             **dataclasses.asdict(config.crops),
         )
+        check_fills_a_step(self.dataset, config, self.dist.world_size)
         self.loader = build_multicrop_dataloader(
             self.dataset,
             batch_size=t.batch_size,
@@ -166,7 +184,17 @@ class Trainer:
         self.warmup_fraction = min(t.warmup_epochs / t.epochs, 1.0)
         self.train_seconds = 0.0
         self.images_seen = 0
+        # The MLflow run starts once the data is known to fill a step; a failure from here ends it FAILED.
+        self.tracker = start_tracker(config.tracking, enabled=self.dist.is_main)
+        try:
+            self._build(resume)
+        except BaseException:
+            self.tracker.finish("FAILED")
+            raise
 
+    def _build(self, resume: str | None) -> None:
+        """The model, optimizer and scaler (restored from ``resume`` when given), DDP-wrapped."""
+        config, t = self.config, self.config.training
         self.model = build_hjepa(config).to(self.device)
         self.optimizer = build_optimizer(self.model, t.lr)
         self.amp_dtype = autocast_dtype(t.precision, self.device)
@@ -462,8 +490,8 @@ def train(config: Config, resume: str | None = None, progress: bool = True,
         trainer = Trainer(config, resume=resume, progress=progress, monitor=monitor)
         try:
             return trainer.run()
-        except BaseException:
-            trainer.tracker.finish("FAILED")
+        except BaseException as exc:
+            trainer.tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
         finally:
             shutdown_distributed()
