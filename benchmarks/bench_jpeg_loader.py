@@ -47,7 +47,7 @@ import torch
 from bench_data import dino_transform, interleaved, interleaved_times, machine_info, natural_images, save_report
 from PIL import Image
 
-from hjepa_core.data import MultiCropCollator, MultiCropTransform
+from hjepa_core.data import MultiCropCollator, MultiCropTransform, build_multicrop_dataloader
 from hjepa_core.data.images import EncodedImage, decode_image, pil_to_tensor
 from hjepa_core.data.samples import MultiCropSample
 from hjepa_core.data.shards import ShardMultiCropDataset, ShardSource, write_shards
@@ -84,15 +84,15 @@ def _batched(items: Iterable, batch_size: int) -> Iterable[list]:
 
 
 def ours(shards: Path, batch_size: int, photometric: bool, masks: bool) -> Callable[[], int]:
-    """One pass of our shard loader (``num_workers=0``): decode, crops, collate (+ masks)."""
+    """One pass of our shard loader (``build_multicrop_dataloader``, ``num_workers=0``)."""
     dataset = ShardMultiCropDataset(shards, "train", resampled=False, transform=MultiCropTransform())
     dataset.set_epoch(0)
     generator = MultiCropMaskGenerator(global_crop_size=224, local_crop_size=96) if masks else None
-    collate = MultiCropCollator(dataset.transform.photometric, generator,
-                                defer_photometric=not photometric)
+    loader = build_multicrop_dataloader(dataset, batch_size, num_workers=0, drop_last=False,
+                                        mask_generator=generator, defer_photometric=not photometric)
 
     def run() -> int:
-        return sum(collate(batch).batch_size for batch in _batched(dataset, batch_size))
+        return sum(batch.batch_size for batch in loader)
 
     return run
 
@@ -269,9 +269,9 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
 
