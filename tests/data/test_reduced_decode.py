@@ -80,6 +80,16 @@ def test_full_size_decode_matches_pil_pixel_for_pixel(fmt: str, mode: str) -> No
     assert torch.equal(pixels[0], expected)
 
 
+@pytest.mark.parametrize(("fmt", "mode", "max_scale", "scale"),
+                         [("JPEG", "RGB", 2, 2), ("JPEG", "L", 4, 4), ("JPEG", "RGB", 8, 8),
+                          ("JPEG", "CMYK", 2, 1), ("PNG", "RGB", 8, 1)])
+def test_reduced_decode_sizes(fmt: str, mode: str, max_scale: int, scale: int) -> None:
+    """JPEG (RGB or gray) decodes at 1/max_scale, each side rounded up; other images in full."""
+    pixels, used = EncodedImage(_encode(_photo(333, 250).convert(mode), fmt)).decode_pixels(max_scale)
+    assert used == scale
+    assert pixels.shape == (1, 3, -(-250 // scale), -(-333 // scale)) and pixels.dtype == torch.uint8
+
+
 def test_without_torchvisions_decoder_pil_decodes_the_same_pixels(monkeypatch) -> None:
     data = _encode(_photo(500, 375))
     fast, _ = EncodedImage(data).decode_pixels()
