@@ -10,6 +10,7 @@ passing ids around. Secrets never pass through here: MLflow reads its credential
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ KFP_RUN_TAG = "kfp.run_id"
 STAGE_TAG = "hjepa.stage"
 PIPELINE_STAGE = "pipeline"
 STAGE_FILE = "stage.json"  # what a stage hands to the next one (run ids, counts), next to its outputs
+ERROR_FILE = "error.txt"  # a failed stage's own error line, next to its outputs (run-local ends with it)
 CONFIG_FILE = "config.yaml"
 
 
@@ -89,6 +91,37 @@ def _write_stage(folder: Path, info: dict[str, Any]) -> None:
     atomic_write_text(folder / STAGE_FILE, json.dumps(info, indent=2))
 
 
+def _record_failure(folder: str | Path, stage: str, error: BaseException) -> None:
+    """Writes ``STAGE: message`` (one line) to ``folder/error.txt``, best effort, so that a runner
+    that only sees the stage's exit code (``hjepa pipeline run-local``) can end with it."""
+    from hjepa_core.utils import atomic_write_text
+
+    line = " ".join(str(error).split()) or type(error).__name__
+    with contextlib.suppress(OSError):
+        atomic_write_text(Path(folder) / ERROR_FILE, f"{stage}: {line}\n")
+
+
+def check_inputs(source: str, data_path: str | None, config_path: str | None, overrides: list[str]) -> None:
+    """Checks a pipeline run's inputs before its first stage, so a bad one fails in seconds with
+    one line and no shard written: the config with the pretrain stage's overrides (validated, and
+    its device available) and the source's name and files.
+
+    Raises:
+        ConfigError: a bad config, override or device; DatasetNotFoundError: a missing source folder.
+    """
+    from hjepa_core.config import ConfigError, load_config
+    from hjepa_core.data.sources import DATASET_NAMES, DatasetNotFoundError
+
+    load_config(config_path, [*overrides, "data.dataset=shards:pending"]).check_environment()
+    name, _, inline = source.partition(":")
+    if name.lower().replace("-", "_") not in DATASET_NAMES:
+        raise ConfigError(f"source {source!r} is not a dataset the shard stage reads; use one of "
+                          f"{', '.join(DATASET_NAMES)} (imagefolder:PATH)")
+    folder = inline or data_path
+    if folder and not Path(folder).exists():
+        raise DatasetNotFoundError(f"source {source!r}: {folder} does not exist; pass the folder holding the images")
+
+
 def read_stage(folder: str | Path) -> dict[str, Any]:
     """What the stage that wrote ``folder`` recorded (empty when nothing)."""
     path = Path(folder) / STAGE_FILE
@@ -122,7 +155,8 @@ def shard_stage(
                              for key in ("num_samples", "num_skipped")})
         tracker.log_artifact(out / MANIFEST_NAME)
         tracker.finish("FINISHED")
-    except BaseException:
+    except BaseException as exc:
+        _record_failure(out, "shard", exc)
         tracker.finish("FAILED")
         _end_parent(tracking, parent, "FAILED")
         raise
@@ -196,7 +230,8 @@ def pretrain_stage(
                 raise RuntimeError(f"pretrain: pre-empted at step {result.steps}; checkpoint saved in "
                                    f"{work / 'checkpoints'}, a retry resumes from it")
             summary, run_id = result.metrics, result.run_id
-    except BaseException:
+    except BaseException as exc:
+        _record_failure(model, "pretrain", exc)
         _end_parent(tracking, parent, "FAILED")
         raise
     make_dirs(model)
@@ -239,7 +274,8 @@ def evaluate_stage(
     )
     try:
         report = evaluate(Path(model_dir) / ENCODER_FILE, settings)
-    except BaseException:
+    except BaseException as exc:
+        _record_failure(out_dir, "evaluate", exc)
         _end_parent(tracking, parent, "FAILED")
         raise
     if report.get("mlflow_run_id") and parent is not None:  # evaluate tracks only under a parent

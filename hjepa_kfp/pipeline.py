@@ -41,8 +41,9 @@ def _mlflow_env(task: dsl.PipelineTask, config_map: Any, secret: Any) -> None:
     kubernetes.use_secret_as_env(task, secret, {k: k for k in MLFLOW_SECRET_KEYS}, optional=True)
 
 
-def build_pipeline(image: str = DEFAULT_IMAGE) -> Any:
-    """The ``@dsl.pipeline`` with every component running in ``image``."""
+def build_pipeline(image: str = DEFAULT_IMAGE, retries: int = RETRIES) -> Any:
+    """The ``@dsl.pipeline`` with every component running in ``image``; ``retries`` of a failed
+    pretrain pod (it resumes from its checkpoints; 0 for local runs, where a retry repeats the error)."""
     ops = build(image)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="H-JEPA multi-crop pretraining: shard, pretrain, linear probe")
@@ -88,7 +89,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE) -> Any:
         ).set_display_name("pretrain").set_caching_options(False)
         pretrain.set_accelerator_type(accelerator_type).set_accelerator_limit(gpus)
         pretrain.set_cpu_request(cpu_request).set_memory_request(memory_request)
-        pretrain.set_retry(RETRIES, backoff_duration="60s", backoff_factor=2.0)
+        if retries:
+            pretrain.set_retry(retries, backoff_duration="60s", backoff_factor=2.0)
         kubernetes.empty_dir_mount(pretrain, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=SHM_SIZE)
         kubernetes.mount_pvc(pretrain, pvc_name=pvc_name, mount_path=DATA_MOUNT)
@@ -129,27 +131,49 @@ class LocalRun:
 def run_local(pipeline_root: str | Path, arguments: dict[str, Any], image: str = DEFAULT_IMAGE) -> LocalRun:
     """Runs the pipeline with KFP's ``SubprocessRunner`` in this Python environment.
 
-    Kubernetes-only settings (GPUs, mounts, secrets, retries) are ignored locally; pass
-    ``checkpoint_root`` (a local folder, or "" for the artifact folder) and ``gpus=0``.
+    Kubernetes-only settings (GPUs, mounts, secrets) are ignored locally, and a failed stage is
+    not retried; pass ``checkpoint_root`` (a local folder, or "" for the artifact folder) and
+    ``gpus=0``. The config and the source are checked before the first stage.
     Raises:
-        RuntimeError: a stage failed (its error is in the log above).
+        ConfigError, DatasetNotFoundError: a bad config or source (before any stage runs).
+        RuntimeError: a stage failed; the message is that stage's own error line.
     """
     from kfp import local
 
+    from hjepa_core.pipeline import ERROR_FILE, check_inputs, pipeline_overrides
+
     root = Path(pipeline_root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    before = {p for p in root.iterdir() if p.is_dir()}
     cwd = os.getcwd()
     os.chdir(REPO_ROOT)  # relative config paths resolve as in the image (WORKDIR is the repo copy)
     try:
-        task = build_pipeline(image)(**arguments)
+        overrides = pipeline_overrides(
+            [str(o) for o in arguments.get("config_overrides", [])], epochs=arguments.get("epochs", 0),
+            strategy=arguments.get("strategy", ""), global_crop_size=arguments.get("global_crop_size", 0),
+            local_crop_size=arguments.get("local_crop_size", 0), num_local_crops=arguments.get("num_local_crops", -1))
+        check_inputs(arguments["source"], arguments.get("data_path") or None, arguments.get("config") or None,
+                     overrides)
+        root.mkdir(parents=True, exist_ok=True)
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+        before = {p for p in root.iterdir() if p.is_dir()}
+        try:
+            task = build_pipeline(image, retries=0)(**arguments)
+        except RuntimeError as exc:
+            new = _new_dirs(root, before)
+            errors = sorted(new[-1].rglob(ERROR_FILE), key=lambda p: p.stat().st_mtime) if new else []
+            if errors:
+                raise RuntimeError(errors[-1].read_text().strip()) from exc
+            raise
     finally:
         os.chdir(cwd)
-    new = sorted((p for p in root.iterdir() if p.is_dir() and p not in before), key=lambda p: p.stat().st_mtime)
+    new = _new_dirs(root, before)
     run_dir = new[-1] if new else root
     artifacts = {f"{p.parent.name}/{p.name}": p for p in run_dir.glob("*/*")
                  if p.name != "executor_output.json" and not p.name.endswith(".work")}
     reports = sorted(run_dir.rglob("eval.json"), key=lambda p: p.stat().st_mtime)
     evaluation = json.loads(reports[-1].read_text()) if reports else {}
     return LocalRun(float(task.output), run_dir, artifacts, evaluation)
+
+
+def _new_dirs(root: Path, before: set[Path]) -> list[Path]:
+    """The run folders under ``root`` that were not in ``before``, oldest first."""
+    return sorted((p for p in root.iterdir() if p.is_dir() and p not in before), key=lambda p: p.stat().st_mtime)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,10 @@ from tests.tiny import TINY_OVERRIDES
 pytest.importorskip("kfp")
 pytest.importorskip("mlflow")
 
+from hjepa_core.cli import main
 from hjepa_kfp.pipeline import run_local
+
+ROOT = Path(__file__).resolve().parents[2]
 
 EXPERIMENT = "hjepa-pipeline-test"
 MODEL_NAME = "hjepa-encoder-pipeline-test"
@@ -74,14 +81,38 @@ def test_pipeline_runs_locally_and_logs_to_mlflow(
     assert evaluation.data.tags["hjepa.pretrain_run_id"] == pretrain.info.run_id
 
 
-@pytest.mark.slow
-def test_failing_stage_fails_the_run_with_its_error(
-    tmp_path: Path, mlflow_server: str, capfd: pytest.CaptureFixture[str]
-) -> None:
+@pytest.mark.parametrize(("override", "error"), [
+    ("training.lr=-1", "training.lr must be a finite number > 0 (e.g. training.lr=1.5e-4), got -1.0"),
+    ("source=imagefolder:{missing}", "source 'imagefolder:{missing}': {missing} does not exist; pass the folder"),
+])
+def test_bad_input_fails_before_the_first_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                override: str, error: str) -> None:
+    """A bad config or source: one line, exit 2, in seconds, and no stage runs (no shard is written)."""
     missing = tmp_path / "no-such-folder"
-    with pytest.raises(RuntimeError, match="shard"):
-        run_local(tmp_path / "root", _arguments(mlflow_server, source=f"imagefolder:{missing}",
-                                                experiment="hjepa-pipeline-fail"))
-    out = capfd.readouterr()
-    assert str(missing) in out.out + out.err
-    assert not list((tmp_path / "root").glob("*/pretrain"))
+    key, value = override.format(missing=missing).split("=", 1)
+    args = ["pipeline", "run-local", "--root", str(tmp_path / "root"), "--config", "configs/fashion_mnist.yaml",
+            *([f"--{key}", value] if key == "source" else [f"{key}={value}"])]
+    start = time.monotonic()
+    assert main(args) == 2
+    assert time.monotonic() - start < 60
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("hjepa pipeline: error: " + error.format(missing=missing))
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.slow
+def test_failing_stage_ends_the_run_with_its_own_error_line(tmp_path: Path, fashion_mnist_train: object) -> None:
+    """A stage that fails on what only it can see (here: 96 shards cannot fill a batch of 128) fails
+    the run once (no local retries, which used to take 7 minutes), and the last line is its error."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "hjepa_core.cli", "pipeline", "run-local", "--root", str(tmp_path / "root"),
+         "--max-samples", "96", "--max-test-samples", "48", "--probe-epochs", "1", "--no-baselines", *TINY,
+         "training.batch_size=128"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("hjepa pipeline run-local: error: pretrain: the training data (data.dataset=shards:")
+    assert last.endswith("has 96 samples per rank, fewer than one step needs (training.batch_size=128 x "
+                         "training.accumulation_steps=1); lower training.batch_size or use more data")
+    assert list((tmp_path / "root").glob("*/shard")) and not list((tmp_path / "root").glob("*/evaluate"))
