@@ -11,8 +11,13 @@ Everything is vectorised over the batch. As in I-JEPA, one block shape is drawn 
 has the same fixed size, chosen once at construction (:attr:`context_count`): a sample keeps
 random cells of its context block and, when the block has too few, tops up with random cells
 outside it that no target covers. So contexts do not shrink to the smallest one in the batch
-(which cut a 256-sample batch's contexts on a 14x14 grid to half their mean), and every batch
-has the same shapes (no recompiles under ``torch.compile``).
+(which cut a 256-sample batch's contexts on a 14x14 grid to half their mean).
+
+Target blocks have the same cell count across a batch but not across batches (the shape is drawn
+per batch), so each level's blocks are padded to the largest block the level's scale and aspect
+ranges allow (:attr:`HierarchicalMaskGenerator.target_counts`), with a validity mask. With the
+fixed context size, every batch of a config has the same tensor shapes: ``torch.compile`` builds
+its graphs once.
 """
 
 from __future__ import annotations
@@ -37,13 +42,16 @@ class HierarchicalMasks:
     Attributes:
         context: (B, K) sorted indices into the fine patch grid (row-major, side ``grid_sizes[0]``).
         targets: per level k, (B, M, T_k) indices into the level-k grid (side ``grid_sizes[k]``);
-            block m of sample b is ``targets[k][b, m]``.
+            block m of sample b is ``targets[k][b, m]``, padded (by repeating its first cell) to a
+            fixed ``T_k`` where ``target_valid`` says so.
         grid_sizes: side of the patch grid at each level.
+        target_valid: per level, (B, M, T_k) bool, False at padding; None: no padding.
     """
 
     context: Tensor
     targets: list[Tensor]
     grid_sizes: list[int]
+    target_valid: list[Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -54,7 +62,16 @@ class HierarchicalMasks:
             self.context.to(device, non_blocking=True),
             [t.to(device, non_blocking=True) for t in self.targets],
             self.grid_sizes,
+            None if self.target_valid is None else [v.to(device, non_blocking=True) for v in self.target_valid],
         )
+
+    def split(self, size: int) -> list[HierarchicalMasks]:
+        """Chunks of ``size`` samples (one per crop of a jointly drawn batch)."""
+        targets = [t.split(size) for t in self.targets]
+        valid = None if self.target_valid is None else [v.split(size) for v in self.target_valid]
+        return [HierarchicalMasks(context, [t[i] for t in targets], self.grid_sizes,
+                                  None if valid is None else [v[i] for v in valid])
+                for i, context in enumerate(self.context.split(size))]
 
     def target_coverage(self) -> Tensor:
         """(B, G*G) bool: fine patches inside any target block of any level."""
@@ -76,6 +93,22 @@ def _block_shape(scale: float, aspect: float, grid: int) -> tuple[int, int]:
     h = max(1, round(math.sqrt(area * aspect)))
     w = max(1, round(math.sqrt(area / aspect)))
     return h, w
+
+
+def _largest_block(scale: float, aspect: tuple[float, float], grid: int) -> int:
+    """The most cells a block of scale up to ``scale`` and aspect in ``aspect`` can have.
+
+    Both sides of :func:`_block_shape` grow with the scale, so the top scale bounds them; over
+    the aspect ratio they are step functions, so their product is largest on one of the steps:
+    the range's ends and every aspect where either rounded side changes are checked.
+    """
+    area = scale * grid * grid
+    edges = [aspect[0], aspect[1]]
+    for n in range(1, grid + 2):
+        boundary = (n - 0.5) ** 2 / area  # round(sqrt(area * r)) steps at r = boundary
+        edges += [boundary, 1.0 / boundary]  # ... and round(sqrt(area / r)) at r = 1 / boundary
+    candidates = [min(max(r * f, aspect[0]), aspect[1]) for r in edges for f in (1 - 1e-9, 1 + 1e-9)]
+    return max(h * w for h, w in (_block_shape(scale, r, grid) for r in candidates))
 
 
 def random_subset(priority: Tensor, keep: int, generator: torch.Generator | None) -> Tensor:
@@ -174,6 +207,8 @@ class HierarchicalMaskGenerator:
             for k in range(num_hierarchies)
         ]
         self._check_blocks_fit()
+        self.target_counts = [_largest_block(hi, self.aspect_ratio_range, side)
+                              for (_, hi), side in zip(self.level_scales, self.grid_sizes, strict=True)]
         self.context_count = self._choose_context_count()
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
@@ -302,6 +337,11 @@ class HierarchicalMaskGenerator:
         # Context-block cells first, then uncovered cells outside the block; never a target cell.
         priority = free.to(torch.int8) * (1 + block.to(torch.int8))
         context_idx = random_subset(priority, self.context_count, generator)
-        targets = [self._block_indices(top, left, shape, side)
-                   for (top, left), shape, side in zip(corners, shapes[0], self.grid_sizes, strict=True)]
-        return HierarchicalMasks(context_idx, targets, list(self.grid_sizes))
+        targets, valid = [], []
+        for (top, left), shape, side, count in zip(corners, shapes[0], self.grid_sizes, self.target_counts,
+                                                   strict=True):
+            cells = self._block_indices(top, left, shape, side)
+            pad = count - cells.shape[-1]
+            targets.append(torch.cat([cells, cells[..., :1].expand(-1, -1, pad)], dim=-1))
+            valid.append((torch.arange(count) < cells.shape[-1]).expand(batch_size, self.num_target_masks, -1))
+        return HierarchicalMasks(context_idx, targets, list(self.grid_sizes), valid)

@@ -164,14 +164,7 @@ class MultiCropMaskGenerator:
             every_patch = torch.ones(encoded * batch_size, local_grid**2, dtype=torch.bool)
             local_keep = random_subset(every_patch, self.local_keep_count, generator)
         return MultiCropMasks(
-            [
-                HierarchicalMasks(context, list(targets), joint.grid_sizes)
-                for context, *targets in zip(
-                    joint.context.split(batch_size),
-                    *(t.split(batch_size) for t in joint.targets),
-                    strict=True,
-                )
-            ],
+            joint.split(batch_size),
             roles,
             local_grid,
             self.masking_strategy,

@@ -52,6 +52,24 @@ def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
+def _rows(x: Tensor, rows: list[int]) -> Tensor:
+    """``x[rows]`` for a Python list of rows, without an index tensor (no host-to-device copy)."""
+    return torch.stack([x[i] for i in rows])
+
+
+def _key_valid(context: Tensor, queries: list[tuple[Tensor, int]], valid: list[Tensor | None]) -> Tensor | None:
+    """The predictor's (N, Tc + sum Tq) attention key mask: False at target-block padding; None
+    when no query group is padded."""
+    if all(v is None for v in valid):
+        return None
+
+    def everything(x: Tensor) -> Tensor:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+
+    return torch.cat([everything(context),
+                      *(everything(q) if v is None else v for (q, _), v in zip(queries, valid, strict=True))], dim=1)
+
+
 def _per_image(tokens: Tensor, crops: int, batch: int, repeat: int) -> Tensor:
     """(crops*B, T, D) crop-major -> (repeat*B, crops*T, D): an image's crops in one row."""
     t, d = tokens.shape[1:]
@@ -147,50 +165,60 @@ class HJEPA(nn.Module):
         if encoded_roles:
             local_tokens = self.encoder(torch.cat([local_crops[i] for i in encoded_roles]), masks.local_keep)
             local_positions = source_positions(
-                local_boxes[encoded_roles].flatten(0, 1), local_flips[encoded_roles].flatten(0, 1),
+                _rows(local_boxes, encoded_roles).flatten(0, 1), _rows(local_flips, encoded_roles).flatten(0, 1),
                 masks.local_grid,
             )
             if masks.local_keep is not None:
                 local_positions = _gather_tokens(local_positions, masks.local_keep)
             context_roles = [j for j, i in enumerate(encoded_roles) if masks.local_roles[i] == LOCAL_CONTEXT]
             if context_roles:
-                pick = torch.cat([torch.arange(j * b, (j + 1) * b) for j in context_roles]).to(images.device)
-                pred_context.append(_per_image(local_tokens[pick], len(context_roles), b, n_g))
-                pred_positions.append(_per_image(local_positions[pick], len(context_roles), b, n_g))
+                tokens = torch.cat([local_tokens[j * b:(j + 1) * b] for j in context_roles])
+                positions = torch.cat([local_positions[j * b:(j + 1) * b] for j in context_roles])
+                pred_context.append(_per_image(tokens, len(context_roles), b, n_g))
+                pred_positions.append(_per_image(positions, len(context_roles), b, n_g))
 
-        queries, answers = [], []
+        # Target blocks have a fixed cell count per level, padded where a batch's blocks are
+        # smaller: the padding is hidden from attention and the loss (static shapes for compile).
+        queries, answers, valid = [], [], []
         for k, weight in enumerate(self.hierarchy_weights):
             idx = torch.cat([m.targets[k] for m in masks.global_masks]).flatten(1)
+            level_valid = (None if masks.global_masks[0].target_valid is None
+                           else torch.cat([m.target_valid[k] for m in masks.global_masks]).flatten(1))
             level_positions = source_positions(boxes, flips, side, cell=2**k)
             queries.append((_gather_tokens(level_positions, idx), k))
             answers.append((f"loss/level_{k}", weight, _gather_tokens(level_targets[k], idx)))
+            valid.append(level_valid)
         target_roles = [i for i, r in enumerate(masks.local_roles) if r == LOCAL_TARGET]
         if target_roles:
             target_images = torch.cat([local_crops[i] for i in target_roles])
             with torch.no_grad():
                 local_targets = _layer_norm(self.target_encoder(target_images))
             positions = source_positions(
-                local_boxes[target_roles].flatten(0, 1), local_flips[target_roles].flatten(0, 1),
+                _rows(local_boxes, target_roles).flatten(0, 1), _rows(local_flips, target_roles).flatten(0, 1),
                 masks.local_grid,
             )
             queries.append((_per_image(positions, len(target_roles), b, n_g), 0))
             answers.append(("loss/cross_crop", self.local_weight,
                             _per_image(local_targets, len(target_roles), b, n_g)))
+            valid.append(None)
         image_targets, image_queries = self._image_level(target_tokens, boxes, flips, n_g, b)
         if self.image_weight > 0:
             queries.append((image_queries.repeat(n_g, 1, 1), self.image_level))
             answers.append(("loss/image", self.image_weight, image_targets.repeat(n_g, 1, 1)))
+            valid.append(None)
 
-        predictions = self.predictor(torch.cat(pred_context, 1), torch.cat(pred_positions, 1), queries)
+        pred_context_tokens = torch.cat(pred_context, 1)
+        predictions = self.predictor(pred_context_tokens, torch.cat(pred_positions, 1), queries,
+                                     _key_valid(pred_context_tokens, queries, valid))
         parts: dict[str, Tensor] = {}
         total = images.new_zeros((), dtype=torch.float32)
-        for pred, (name, weight, target) in zip(predictions, answers, strict=True):
-            parts[name] = prediction_loss(pred, target, self.loss_type)
+        for pred, (name, weight, target), mask in zip(predictions, answers, valid, strict=True):
+            parts[name] = prediction_loss(pred, target, self.loss_type, mask)
             total = total + weight * parts[name]
 
         if local_tokens is not None:
             total = total + self._local_loss(local_tokens, local_positions, queries[:levels], answers[:levels],
-                                             image_queries, image_targets, n_g, b, parts)
+                                             valid[:levels], image_queries, image_targets, n_g, b, parts)
         if self.vicreg_weight > 0 and n_g >= 2:
             pooled = context.float().mean(dim=1)
             parts["loss/vicreg"] = vicreg_loss(pooled[:b], pooled[b:2 * b])
@@ -200,8 +228,9 @@ class HJEPA(nn.Module):
         return HJEPAOutput(total, parts, pooled_targets)
 
     def _local_loss(self, tokens: Tensor, positions: Tensor, level_queries: list[tuple[Tensor, int]],
-                    level_answers: list[tuple[str, float, Tensor]], image_queries: Tensor, image_targets: Tensor,
-                    n_g: int, b: int, parts: dict[str, Tensor]) -> Tensor:
+                    level_answers: list[tuple[str, float, Tensor]], level_valid: list[Tensor | None],
+                    image_queries: Tensor, image_targets: Tensor, n_g: int, b: int,
+                    parts: dict[str, Tensor]) -> Tensor:
         """The encoded local crops, each alone as context, predict their image's image-level targets
         (``loss/local``) and, with ``local_level_weight > 0``, the masked target blocks of global crop
         ``j % n_g`` at every level (``loss/local_levels``): a masked prediction task across views and
@@ -210,18 +239,22 @@ class HJEPA(nn.Module):
         repeat = tokens.shape[0] // b
         queries = [(image_queries.repeat(repeat, 1, 1), self.image_level)]
         targets = [image_targets.repeat(repeat, 1, 1)]
+        masks: list[Tensor | None] = [None]
         if self.local_level_weight > 0:
-            rows = torch.cat([torch.arange(j % n_g * b, (j % n_g + 1) * b) for j in range(repeat)]).to(tokens.device)
-            queries += [(level_positions[rows], k) for level_positions, k in level_queries]
-            targets += [level_targets[rows] for _, _, level_targets in level_answers]
-        predictions = self.predictor(tokens, positions, queries)
+            def global_rows(x: Tensor) -> Tensor:  # rows of global crop j % n_g for local crop j
+                return torch.cat([x[j % n_g * b:(j % n_g + 1) * b] for j in range(repeat)])
+
+            queries += [(global_rows(level_positions), k) for level_positions, k in level_queries]
+            targets += [global_rows(level_targets) for _, _, level_targets in level_answers]
+            masks += [None if v is None else global_rows(v) for v in level_valid]
+        predictions = self.predictor(tokens, positions, queries, _key_valid(tokens, queries, masks))
         parts["loss/local"] = prediction_loss(predictions[0], targets[0], self.loss_type)
         total = self.local_weight * parts["loss/local"]
         if self.local_level_weight > 0:
             weights = [weight for _, weight, _ in level_answers]
             parts["loss/local_levels"] = sum(
-                w * prediction_loss(p, t, self.loss_type) for w, p, t in zip(weights, predictions[1:], targets[1:],
-                                                                              strict=True)
+                w * prediction_loss(p, t, self.loss_type, m)
+                for w, p, t, m in zip(weights, predictions[1:], targets[1:], masks[1:], strict=True)
             ) / sum(weights)
             total = total + self.local_level_weight * parts["loss/local_levels"]
         return total

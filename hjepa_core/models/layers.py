@@ -101,7 +101,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rope = RotaryEmbedding2D(dim // num_heads) if use_rope else None
 
-    def forward(self, x: Tensor, coords: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, coords: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
+        """``attn_mask``: optional (N, 1, 1, T) bool, False at tokens no query may attend to."""
         n, t, d = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         if self.rope is not None:
@@ -109,7 +110,7 @@ class Attention(nn.Module):
                 raise ValueError("RoPE attention needs token coordinates")
             cos, sin = self.rope.angles(coords)
             q, k = self.rope.rotate(q, cos, sin), self.rope.rotate(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
 
@@ -140,8 +141,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, coords: Tensor | None = None) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), coords))
+    def forward(self, x: Tensor, coords: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), coords, attn_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

@@ -92,6 +92,7 @@ class HierarchicalPredictor(nn.Module):
         context: Tensor,
         context_positions: Tensor,
         queries: Sequence[tuple[Tensor, int]],
+        key_valid: Tensor | None = None,
     ) -> list[Tensor]:
         """Runs context and all query groups through the predictor in one sequence.
 
@@ -99,6 +100,8 @@ class HierarchicalPredictor(nn.Module):
             context: (N, Tc, encoder_dim) context tokens.
             context_positions: (N, Tc, 4) their source positions.
             queries: (positions (N, Tq, 4), level) per query group; queries carry no content.
+            key_valid: optional (N, Tc + sum Tq) bool, False at padding tokens (fixed-size
+                target blocks): no token attends to them, so they change no real prediction.
         Returns:
             One (N, Tq, encoder_dim) prediction per query group, through that level's head.
         """
@@ -107,9 +110,10 @@ class HierarchicalPredictor(nn.Module):
             token = self.mask_token + self.level_embed[level]
             parts.append(token + self.position_embedding(positions))
         x = torch.cat(parts, dim=1)
+        mask = None if key_valid is None else key_valid[:, None, None, :]
         recompute = self.grad_checkpointing and self.training
         for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+            x = checkpoint(block, x, None, mask, use_reentrant=False) if recompute else block(x, None, mask)
         x = self.norm(x)
         sizes = [p.shape[1] for p, _ in queries]
         outputs = x[:, context.shape[1]:].split(sizes, dim=1)

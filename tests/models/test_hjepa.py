@@ -7,7 +7,7 @@ import torch
 
 from hjepa_core.config import load_config
 from hjepa_core.data import build_multicrop_dataloader, build_multicrop_dataset
-from hjepa_core.masks import MASKING_STRATEGIES
+from hjepa_core.masks import MASKING_STRATEGIES, HierarchicalMasks
 from hjepa_core.models import build_hjepa, source_positions
 from tests.tiny import TINY_OVERRIDES
 
@@ -153,3 +153,29 @@ def test_local_level_prediction_uses_the_global_level_targets():
     model.local_level_weight = 0.0
     assert "loss/local_levels" not in model(batch).parts
     assert not torch.allclose(with_levels, encoder_grad(model, batch))
+
+
+@pytest.mark.parametrize("strategy", MASKING_STRATEGIES)
+def test_target_padding_changes_neither_loss_nor_gradient(strategy):
+    """Fixed-size (padded) target blocks give what the unpadded blocks give: the padding is
+    hidden from attention and from the loss (also where local crops predict the global blocks)."""
+    cfg = tiny_config(strategy, "loss.local_level_weight=1.0")
+    torch.manual_seed(0)
+    model = build_hjepa(cfg)
+    batch = first_batch(cfg)
+    padded_levels = [k for k, v in enumerate(batch.masks.global_masks[0].target_valid) if not v.all()]
+    assert padded_levels, "this batch needs a level whose blocks are smaller than the fixed size"
+    unpadded = copy.copy(batch)
+    unpadded.masks = copy.copy(batch.masks)
+    unpadded.masks.global_masks = [
+        HierarchicalMasks(m.context, [t[..., :int(v[0, 0].sum())] for t, v in zip(m.targets, m.target_valid,
+                                                                                    strict=True)], m.grid_sizes)
+        for m in batch.masks.global_masks
+    ]
+    assert unpadded.masks.global_masks[0].targets[padded_levels[0]].shape[-1] < (
+        batch.masks.global_masks[0].targets[padded_levels[0]].shape[-1])
+    out, ref = model(batch), model(unpadded)
+    assert "loss/local_levels" in ref.parts
+    for name in ref.parts:
+        torch.testing.assert_close(out.parts[name], ref.parts[name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(encoder_grad(model, batch), encoder_grad(model, unpadded), rtol=1e-4, atol=1e-6)
