@@ -131,6 +131,7 @@ class TrainingConfig:
     accumulation_steps: int = 1
     precision: str = "auto"
     compile: bool = False
+    compile_backend: str = "inductor"  # a torch.compile backend: inductor, aot_eager, cudagraphs ...
     seed: int = 0
     max_steps: int | None = None
     time_budget_s: float | None = None

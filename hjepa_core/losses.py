@@ -47,15 +47,21 @@ def vicreg_loss(a: Tensor, b: Tensor, inv: float = 25.0, var: float = 25.0, cov:
 
 
 @torch.no_grad()
-def collapse_metrics(embeddings: Tensor) -> dict[str, float]:
-    """Per-dimension std (of L2-normalised embeddings) and effective rank (Roy & Vetterli, 2007).
+def collapse_statistics(embeddings: Tensor) -> dict[str, Tensor]:
+    """Per-dimension std (of L2-normalised embeddings) and effective rank (Roy & Vetterli, 2007),
+    as 0-d tensors on the embeddings' device (the training loop reads them when it logs).
 
     A collapsing encoder shows std -> 0 and effective rank -> 1.
     """
     z = F.normalize(embeddings.float(), dim=-1)
-    std = z.std(dim=0).mean().item()
+    std = z.std(dim=0).mean()
     centered = z - z.mean(dim=0)
     singular = torch.linalg.svdvals(centered)
     p = singular / singular.sum().clamp_min(1e-12)
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
-    return {"collapse/std": std, "collapse/effective_rank": float(torch.exp(entropy))}
+    return {"collapse/std": std, "collapse/effective_rank": torch.exp(entropy)}
+
+
+def collapse_metrics(embeddings: Tensor) -> dict[str, float]:
+    """:func:`collapse_statistics` as floats."""
+    return {name: float(value) for name, value in collapse_statistics(embeddings).items()}

@@ -27,12 +27,13 @@ from tqdm.auto import tqdm
 from hjepa_core.config import Config, ConfigError
 from hjepa_core.data.multicrop_dataset import MultiCropBatch, build_multicrop_dataloader, build_multicrop_dataset
 from hjepa_core.data.shards.integrity import describe
-from hjepa_core.losses import collapse_metrics
-from hjepa_core.models.hjepa import HJEPA, build_hjepa
+from hjepa_core.losses import collapse_statistics
+from hjepa_core.models.hjepa import HJEPA, HJEPAOutput, build_hjepa
 from hjepa_core.models.vit import VisionTransformer
 from hjepa_core.plots import plot_curves
 from hjepa_core.tracking import check_tracking_uri, resolve_tracking_uri, start_tracker
 from hjepa_core.train.checkpoint import CheckpointError, load_resume, remove_stale_temps, save_checkpoint
+from hjepa_core.train.device import MetricWindow, compile_modules
 from hjepa_core.train.distributed import DistInfo, init_distributed, shutdown_distributed
 from hjepa_core.train.optim import build_optimizer, set_schedule
 from hjepa_core.train.schedules import cosine_schedule, ema_momentum
@@ -47,7 +48,8 @@ _MODEL_SALT = 0x5EED_D407  # keeps the model's per-step RNG stream apart from th
 
 EpochMonitor = Callable[[VisionTransformer, torch.device], dict[str, float]]
 """An evaluation hook: metrics of the target encoder, run every ``data.knn_monitor_every`` epochs
-and at the end (rank 0). :class:`hjepa_core.eval.knn_monitor.EpochKnnMonitor` is the usual one."""
+and at the end, on every rank at the same step (a monitor shares its work across ranks; rank 0
+logs). :class:`hjepa_core.eval.knn_monitor.EpochKnnMonitor` is the usual one."""
 
 
 @dataclass
@@ -203,6 +205,8 @@ class Trainer:
         self.epoch = 0
         self.next_batch = 0
         self.history: list[dict[str, float]] = []
+        self.window = MetricWindow(self.device)
+        self._host_group: Any = None
         self._monitor_step = -1
         if self.dist.is_main:
             remove_stale_temps(self.output_dir / "checkpoints")
@@ -210,8 +214,7 @@ class Trainer:
         if found is not None:
             self._load(*found)
         if t.compile:
-            self.model.encoder.compile()
-            self.model.predictor.compile()
+            compile_modules(self.model, t.compile_backend)
         self.ddp = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.dist.enabled else None
@@ -271,12 +274,15 @@ class Trainer:
 
     def _agreed_seconds(self, seconds: float) -> float:
         """The slowest rank's step time under DDP with a time budget, so that every rank follows
-        the same schedule and stops at the same step (one tiny all-reduce per step)."""
+        the same schedule and stops at the same step: one tiny all-reduce per step of a host
+        tensor (over gloo), which does not wait for the GPU."""
         if self.time_budget is None or not self.dist.enabled:
             return seconds
-        value = torch.tensor([seconds], dtype=torch.float64, device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return float(value)
+        if self._host_group is None:
+            self._host_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        value = torch.tensor([seconds], dtype=torch.float64)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self._host_group)
+        return value.item()
 
     def _schedules(self) -> dict[str, float]:
         t, progress = self.config.training, self._progress()
@@ -294,13 +300,48 @@ class Trainer:
             batch.normalized = True
         return batch
 
-    def _reduce(self, values: dict[str, float]) -> dict[str, float]:
-        if not self.dist.enabled:
-            return values
-        keys = sorted(values)
-        tensor = torch.tensor([values[k] for k in keys], device=self.device, dtype=torch.float64)
-        dist.all_reduce(tensor)
-        return {k: float(v) / self.dist.world_size for k, v in zip(keys, tensor.tolist(), strict=True)}
+    def _micro_step(self, batch: MultiCropBatch, last_micro: bool) -> HJEPAOutput:
+        """Forward and backward of one micro-batch; its loss parts join the window on the device."""
+        t = self.config.training
+        sync = contextlib.nullcontext() if (last_micro or self.ddp is None) else self.ddp.no_sync()
+        with sync:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                out = (self.ddp or self.model)(batch)
+            self.scaler.scale(out.loss / t.accumulation_steps).backward()
+        self.window.add({"loss": out.loss.detach(), **out.parts}, 1.0 / t.accumulation_steps)
+        return out
+
+    def _optimizer_step(self, schedule: dict[str, float]) -> None:
+        """Clip, AdamW step and EMA update, the same on every rank; the grad norm stays on the device."""
+        set_schedule(self.optimizer, schedule["lr"], schedule["weight_decay"])
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   self.config.training.grad_clip or float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_target(schedule["ema_momentum"])
+        self.window.add({"grad_norm": grad_norm}, 1.0)
+        self.window.steps += 1
+
+    def _flush_window(self, schedule: dict[str, float]) -> dict[str, float]:
+        """Reads the window's sums (the one host-device sync of a log window), logs their means
+        and the window's throughput, and starts a new window."""
+        window, self.window = self.window, MetricWindow(self.device)
+        means, pending = window.read(self.dist.world_size)
+        for step, values in pending:
+            self._log(values, step=step)
+        if not means:
+            return {}
+        metrics = {**means, **schedule}
+        elapsed = time.perf_counter() - window.start
+        metrics["images_per_s"] = window.images * self.dist.world_size / max(elapsed, 1e-9)
+        metrics["epoch"] = self.epoch
+        if self.device.type == "cuda":
+            metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self._log(metrics)
+        return metrics
 
     def run(self) -> TrainResult:
         t, cfg = self.config.training, self.config
@@ -309,10 +350,8 @@ class Trainer:
             cfg.save(self.output_dir / "config.yaml")
             self.tracker.log_params(cfg.flat())
             self.tracker.log_artifact(self.output_dir / "config.yaml")
-        net = self.ddp or self.model
         self.model.train()
-        window: dict[str, float] = {}
-        window_images, window_start = 0, time.perf_counter()
+        self.window = MetricWindow(self.device)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train",
                    dynamic_ncols=True)
         preempted = False
@@ -333,34 +372,19 @@ class Trainer:
                 for batch_index, cpu_batch in enumerate(self.loader, start=self.next_batch):
                     if first_batch is None and self.dist.is_main:
                         first_batch = cpu_batch
-                    batch = self._prepare(cpu_batch)
                     micro += 1
-                    last_micro = micro == t.accumulation_steps
+                    batch = self._prepare(cpu_batch)
                     # The model's own randomness (drop-path) is keyed by (seed, step, micro-batch, rank),
                     # so a resumed run draws what the uninterrupted one drew, whatever else used the RNG.
                     torch.manual_seed(mix_seeds(t.seed, self.step, micro, self.dist.rank, salt=_MODEL_SALT))
-                    sync = contextlib.nullcontext() if (last_micro or self.ddp is None) else self.ddp.no_sync()
-                    with sync:
-                        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                            enabled=self.amp_dtype is not None):
-                            out = net(batch)
-                        self.scaler.scale(out.loss / t.accumulation_steps).backward()
-                    window_images += batch.batch_size
+                    out = self._micro_step(batch, last_micro=micro == t.accumulation_steps)
+                    self.window.images += batch.batch_size
                     self.images_seen += batch.batch_size * self.dist.world_size
-                    for name, value in out.parts.items():
-                        window[name] = window.get(name, 0.0) + float(value) / t.accumulation_steps
-                    window["loss"] = window.get("loss", 0.0) + float(out.loss.detach()) / t.accumulation_steps
-                    if not last_micro:
+                    if micro < t.accumulation_steps:
                         continue
                     micro = 0
                     schedule = self._schedules()
-                    set_schedule(self.optimizer, schedule["lr"], schedule["weight_decay"])
-                    self.scaler.unscale_(self.optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.model.update_target(schedule["ema_momentum"])
+                    self._optimizer_step(schedule)
                     self.step += 1
                     self.next_batch = batch_index + 1
                     now = time.perf_counter()
@@ -368,24 +392,13 @@ class Trainer:
                     clock = now
                     finished = self.step >= self.total_steps or self._out_of_time()
                     bar.update(1)
-                    window["grad_norm"] = window.get("grad_norm", 0.0) + float(grad_norm)
-                    window["steps"] = window.get("steps", 0.0) + 1
                     if self.step % cfg.loss.collapse_every == 0 or self.step == 1:
-                        self._log(collapse_metrics(out.pooled_targets.detach()))
-                    if self.step % t.log_every == 0 or finished:
-                        elapsed = time.perf_counter() - window_start
-                        steps = window.pop("steps")
-                        metrics = {k: v / steps for k, v in window.items()}
-                        metrics = self._reduce(metrics)
-                        metrics.update(schedule)
-                        metrics["images_per_s"] = window_images * self.dist.world_size / max(elapsed, 1e-9)
-                        metrics["epoch"] = self.epoch
-                        if self.device.type == "cuda":
-                            metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                        self._log(metrics)
+                        self.window.pending.append((self.step, collapse_statistics(out.pooled_targets.detach())))
+                    if self.step % t.log_every == 0 or finished or flag.raised:
+                        metrics = self._flush_window(schedule)
                         self._check_data()
-                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
-                        window, window_images, window_start = {}, 0, time.perf_counter()
+                        if metrics:
+                            bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
                     if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0:
                         self.save_checkpoint()
                     if flag.raised or finished:
@@ -407,10 +420,11 @@ class Trainer:
         return self._finish(first_batch, preempted, checkpoint)
 
     def _run_monitor(self, final: bool = False) -> None:
-        """The epoch monitor every ``data.knn_monitor_every`` epochs and at the end (rank 0)."""
+        """The epoch monitor every ``data.knn_monitor_every`` epochs and at the end, on every rank
+        (all reach it at the same step), so no rank idles at a collective while another evaluates."""
         every = self.config.data.knn_monitor_every
         due = final or self.epoch % every == 0 if every else False
-        if not due or self.monitor is None or not self.dist.is_main or self._monitor_step == self.step:
+        if not due or self.monitor is None or self._monitor_step == self.step:
             return
         self._monitor_step = self.step
         self._log(self.monitor(self.model.target_encoder, self.device))
@@ -426,11 +440,12 @@ class Trainer:
             self._log({"data/corrupt_shards": len(summary["corrupt_shards"]),
                        "data/lost_samples": summary["lost_samples"], "data/lost_fraction": summary["fraction"]})
 
-    def _log(self, metrics: dict[str, float]) -> None:
+    def _log(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.dist.is_main:
             return
-        self.history.append({"step": self.step, **metrics})
-        self.tracker.log_metrics(metrics, step=self.step)
+        step = self.step if step is None else step
+        self.history.append({"step": step, **metrics})
+        self.tracker.log_metrics(metrics, step=step)
 
     def _finish(self, first_batch: MultiCropBatch | None, preempted: bool, checkpoint: Path | None) -> TrainResult:
         if not self.dist.is_main:

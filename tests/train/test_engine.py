@@ -79,8 +79,11 @@ def test_torchrun_ddp_keeps_ranks_identical(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
+    # The kNN monitor runs on both ranks, each embedding half of its 300 + 100 images; rank 0 logs.
     assert result == {"world_size": 2, "steps": 3, "online": True, "ema": True, "predictor": True,
-                      "ema_differs_from_online": True}
+                      "ema_differs_from_online": True, "monitor_calls_per_rank": [1, 1],
+                      "monitor_same_on_every_rank": True, "monitor_images_per_rank": [200, 200],
+                      "monitor_logged": [3]}
 
 
 def test_unreachable_mlflow_fails_before_training(tmp_path, capsys):
