@@ -1,16 +1,20 @@
 """Typed configuration: defaults, YAML files and command-line overrides (DINOv2-style).
 
-``load_config(path, overrides)`` starts from the dataclass defaults, merges a YAML file (and the
-config sections of a DVC params file, for the DVC pipeline), then ``key=value`` overrides
-(``training.lr=1e-4``; the seed's ``--batch_size/--epochs/--lr`` map to ``training.*``). Unknown
-keys are errors that suggest the nearest valid key; values are
-coerced to the field's type and cross-field rules are checked in :meth:`Config.validate`.
+``load_config(path, overrides)`` builds an OmegaConf structured config from the dataclasses,
+merges a YAML file (and the config sections of a DVC params file, for the DVC pipeline), then
+``key=value`` dotlist overrides (``training.lr=1e-4``; the seed's ``--batch_size/--epochs/--lr``
+map to ``training.*``), and converts the result back to the dataclasses, so callers read
+``config.training.lr``. OmegaConf checks and converts each value to its field's type; unknown keys
+are errors that suggest the nearest valid key; cross-field rules are checked in
+:meth:`Config.validate`. Values follow OmegaConf's syntax: ``${...}`` interpolates
+(``training.output_dir=${oc.env:HOME}/runs``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
 import math
 import types
 import typing
@@ -19,6 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import Container, DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 from hjepa_core.constants import (
     GLOBAL_CROP_SCALE,
@@ -34,6 +46,10 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the key and how to fix it."""
 
 
+# The schema is read by OmegaConf 2.3 (OmegaConf.structured), which takes these annotations as
+# written: `X | None` is an optional node, list[float] and dict[str, str] typed containers.
+# tuple[float, float] becomes a list of floats of any length: _to_config checks the length and
+# gives the tuple back, so no field needs typing.Optional or typing.Tuple instead.
 @dataclass
 class MultiCropConfig:
     """Multi-crop transform parameters (the seed's table)."""
@@ -186,10 +202,11 @@ class Config:
         return flatten(self.to_dict())
 
     def save(self, path: str | Path) -> Path:
-        """Writes the resolved config as YAML, atomically."""
+        """Writes the resolved config as YAML, atomically, in OmegaConf's dialect: it quotes
+        strings that YAML would read as numbers (``'1e-4'``), so the file loads back identically."""
         from hjepa_core.utils import atomic_write_text
 
-        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(self.to_dict())))
 
     @property
     def crops(self) -> MultiCropConfig:
@@ -370,67 +387,55 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Converts a YAML/CLI value to ``annotation`` or raises ConfigError naming ``key``."""
+def _optional_inner(annotation: Any) -> Any:
+    """``X | None`` -> ``X``; anything else unchanged."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def _annotation(key: str) -> Any:
+    """The schema's annotation of ``key`` (``training.lr``, ``loss.hierarchy_weights[1]``,
+    ``tracking.tags.team``), or None where the schema has no such key."""
+    path, _, index = key.partition("[")
+    annotation: Any = Config
+    for part in path.split("."):
+        annotation = _optional_inner(annotation)
+        if typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+        elif _is_section(annotation) and part in _field_types(annotation):
+            annotation = _field_types(annotation)[part]
+        else:
+            return None
+    if index and typing.get_origin(_optional_inner(annotation)) in (list, tuple):
+        return typing.get_args(_optional_inner(annotation))[0]
+    return annotation
+
+
+def _expected(annotation: Any) -> str:
+    """What a value of ``annotation`` looks like, for error messages."""
+    annotation = _optional_inner(annotation)
     origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int | str | float):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if not number.is_integer():
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(number)
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if annotation is str:
-        if isinstance(value, dict | list):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
     if origin is tuple:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values like [0.4, 1.0], got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        return f"{len(typing.get_args(annotation))} values like [0.4, 1.0]"
     if origin is list:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list like [1.0, 0.5], got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        return "a list like [1.0, 0.5]"
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
-    raise ConfigError(f"{key}: unsupported type {annotation}")
+        return "a mapping"
+    if _is_section(annotation):
+        return f"a mapping of {annotation.__name__} fields"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(annotation, str(annotation))
+
+
+def _is_section(annotation: Any) -> typing.TypeGuard[type]:
+    """A nested dataclass of the schema (``data.multicrop``), not a leaf."""
+    return isinstance(annotation, type) and dataclasses.is_dataclass(annotation)
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     for name, annotation in _field_types(cls).items():
-        if dataclasses.is_dataclass(annotation):
+        if _is_section(annotation):
             keys += _all_keys(annotation, f"{prefix}{name}.")
         else:
             keys.append(f"{prefix}{name}")
@@ -447,51 +452,114 @@ def _unknown_key(key: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 
-def _set(obj: Any, key: str, value: Any, full_key: str) -> None:
-    head, _, rest = key.partition(".")
-    types_ = _field_types(type(obj))
-    if head not in types_:
-        raise _unknown_key(full_key)
-    annotation = types_[head]
-    if dataclasses.is_dataclass(annotation):
-        if rest:
-            _set(getattr(obj, head), rest, value, full_key)
-            return
-        if not isinstance(value, dict):
-            raise ConfigError(f"{full_key}: expected a mapping of {annotation.__name__} fields")
-        for sub_key, sub_value in value.items():
-            _set(getattr(obj, head), str(sub_key), sub_value, f"{full_key}.{sub_key}")
-        return
-    if rest:
-        raise _unknown_key(full_key)
-    setattr(obj, head, _coerce(value, annotation, full_key))
+def _config_error(exc: OmegaConfBaseException, key: str | None = None) -> ConfigError:
+    """One line naming the key, from an OmegaConf error (``key``: the override being merged)."""
+    full_key, value = exc.full_key or key or "", exc.value
+    if isinstance(exc, ConfigKeyError | ConfigAttributeError):
+        return _unknown_key(key or full_key)
+    annotation = _annotation(full_key)
+    if isinstance(exc, InterpolationResolutionError) or not isinstance(exc, ValidationError) or annotation is None:
+        return ConfigError(f"{full_key}: {_first_line(exc.msg)}")
+    if isinstance(value, dict | DictConfig) and _optional_inner(annotation) in (int, float, bool, str):
+        return _unknown_key(key or f"{full_key}.{next(iter(value), '')!s}")  # a key below a leaf
+    if isinstance(value, Container):
+        value = OmegaConf.to_container(value)
+    got = f", got {value!r}" if exc.full_key else ""  # a failed merge of a section names no value
+    return ConfigError(f"{full_key}: expected {_expected(annotation)}{got}")
 
 
-def merge(config: Config, values: dict[str, Any], prefix: str = "") -> Config:
-    """Merges a nested mapping (a parsed YAML file) into ``config`` in place."""
-    for key, value in values.items():
-        _set(config, str(key), value, f"{prefix}{key}")
+def _merged(conf: DictConfig, values: Any, key: str | None = None) -> DictConfig:
+    """``conf`` with ``values`` (a mapping) merged in, checked against the schema."""
+    try:
+        merged = OmegaConf.merge(conf, values)
+    except OmegaConfBaseException as exc:
+        raise _config_error(exc, key) from None
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
+def _to_config(conf: DictConfig) -> Config:
+    """The dataclasses (interpolations resolved) of a merged schema. OmegaConf 2.3 keeps a
+    ``tuple[float, float]`` field as a list of any length: here its length is checked and the
+    tuple given back, so callers see exactly the dataclass types."""
+    try:
+        config = OmegaConf.to_object(conf)
+    except OmegaConfBaseException as exc:
+        raise _config_error(exc) from None
+    assert isinstance(config, Config)
+    _restore_tuples(config)
     return config
 
 
+def _restore_tuples(obj: Any, prefix: str = "") -> None:
+    for name, annotation in _field_types(type(obj)).items():
+        value, key = getattr(obj, name), f"{prefix}{name}"
+        if _is_section(annotation):
+            _restore_tuples(value, f"{key}.")
+        elif typing.get_origin(annotation) is tuple:
+            if len(value) != len(typing.get_args(annotation)):
+                raise ConfigError(f"{key}: expected {_expected(annotation)}, got {list(value)}")
+            setattr(obj, name, tuple(value))
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"training.lr=1e-4"`` -> ``("training.lr", "1e-4")`` (typed later by the schema)."""
+    """``"training.lr=1e-4"`` -> ``("training.lr", 0.0001)``: the value read as OmegaConf reads a
+    dotlist (YAML; ``${...}`` stays an interpolation), ``key=`` as the empty string. Two spellings
+    the CLI took before OmegaConf still work: ``None`` for null, and a whole number such as ``1e3``
+    or ``3.0`` for an integer field (OmegaConf's integer node refuses floats)."""
     key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
+    key = key.strip()
+    if not sep or not key:
         raise ConfigError(f"override {text!r} must look like key=value (e.g. training.lr=1e-4)")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw if raw.strip() else repr('')}"]))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"override {text!r}: {_first_line(exc.msg)}") from None
+    assert isinstance(parsed, dict)
+    value = parsed["value"]
+    annotation = _annotation(key)
+    inner = _optional_inner(annotation)
+    if inner is not annotation and isinstance(value, str) and value.lower() == "none":
+        return key, None
+    if inner is int and isinstance(value, float | str) and _is_whole(value):
+        return key, int(float(value))
+    return key, value
 
 
-def _read_sections(path: str | Path, what: str) -> dict[str, Any]:
-    """The top-level mapping of a YAML file; a clear error naming the file otherwise."""
+def _is_whole(value: float | str) -> bool:
+    try:
+        return float(value).is_integer()
+    except ValueError:
+        return False
+
+
+def _first_line(message: object) -> str:
+    return str(message).splitlines()[0] if str(message) else ""
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """``"expected ',' or ']' (line 2)"``: PyYAML's message on one line."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1})" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or _first_line(exc)}{where}"
+
+
+def _read_sections(path: str | Path, what: str) -> DictConfig:
+    """The top-level mapping of a YAML file (read as OmegaConf reads YAML); a clear error naming
+    the file otherwise."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist; pass an existing YAML (see configs/)")
+    text = path.read_text()
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = OmegaConf.load(io.StringIO(text))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+    except OSError:  # OmegaConf.load's word for a scalar top level
+        values = None
+    if not isinstance(values, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return values
 
@@ -501,22 +569,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults, then the YAML file at ``path``, then the config sections of a DVC params file
     (``params``: its ``data``, ``masking``, ``model`` ... sections; the others are the DVC stages' own
     parameters), then ``key=value`` overrides; validated."""
-    config = Config()
+    conf = OmegaConf.structured(Config)
+    layers = []
     if path is not None:
-        merge(config, _read_sections(path, "config file"))
+        layers.append((path, _read_sections(path, "config file")))
     if params is not None:
+        values = _read_sections(params, "params file")
         sections = {f.name for f in dataclasses.fields(Config)}
-        values = {k: v for k, v in _read_sections(params, "params file").items() if k in sections}
+        layers.append((params, OmegaConf.masked_copy(values, [k for k in values if k in sections])))
+    for source, values in layers:
         try:
-            merge(config, values)
+            conf = _merged(conf, values)
         except ConfigError as exc:
-            raise ConfigError(f"{params}: {exc}") from exc
+            raise ConfigError(f"{source}: {exc}") from None
     for text in overrides or []:
         key, value = parse_override(text)
-        _set(config, key, value, key)
-    return config.validate()
+        try:  # a mapping merges into a section; tracking.tags=... replaces the tags, as before
+            OmegaConf.update(conf, key, value, merge=typing.get_origin(_optional_inner(_annotation(key))) is not dict)
+        except OmegaConfBaseException as exc:
+            raise _config_error(exc, key) from None
+    return _to_config(conf).validate()
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuilds a validated :class:`Config` from :meth:`Config.to_dict` output (checkpoints)."""
-    return merge(Config(), values).validate()
+    return _to_config(_merged(OmegaConf.structured(Config), values)).validate()

@@ -64,12 +64,22 @@ def test_overrides_are_typed():
         ("data.multicrop.local_crop_scale=[0.1,1.5]", "0 < low <= high <= 1"),
         ("data.dataset=imagenet", "data.dataset='imagenet' is not a known dataset; use one of fashion_mnist"),
         ("data.dataset=shards", "data.dataset: 'shards': say where the shards are"),
+        ("training.lr=[1,2", "override 'training.lr=[1,2': the value is not valid YAML"),
+        ("masking.base_scale=[0.1]", "masking.base_scale: expected 2 values like [0.4, 1.0], got [0.1]"),
+        ("masking.base_scale=[0.1,0.2,0.3]", "masking.base_scale: expected 2 values"),
+        ("loss.hierarchy_weights=[1,a,1]", "loss.hierarchy_weights[1]: expected a number, got 'a'"),
+        ("training.lr.x=1", "unknown config key 'training.lr.x'; did you mean 'training.lr'?"),
+        ("trainig.lr=1", "unknown config key 'trainig.lr'; did you mean 'training.lr'?"),
+        ("training=1", "training: expected a mapping of TrainingConfig fields"),
+        ("training.device=null", "training.device: expected a string, got None"),
+        ("data.use_multicrop=maybe", "data.use_multicrop: expected true/false, got 'maybe'"),
+        ("training.output_dir=${oc.env:HJEPA_SURELY_UNSET}", "training.output_dir: "),
     ],
 )
 def test_bad_configs_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:
         load_config(None, override.split(" "))
-    assert message in str(info.value)
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -119,3 +129,46 @@ def test_environment_check_names_the_missing_path_and_device(tmp_path, monkeypat
     cfg = load_config(None, ["training.device=cuda"])  # a config written on a GPU box still loads
     with pytest.raises(ConfigError, match=r"training\.device=cuda but CUDA is not available.*training\.device=cpu"):
         cfg.check_environment()
+
+
+def test_written_config_loads_back_identically(tmp_path):
+    """config.yaml of a run, read back by ``--config`` or a resume, gives the same Config: tuples stay
+    tuples, None stays None, and strings YAML could read as numbers or dates stay strings."""
+    from hjepa_core.config import config_from_dict
+
+    cfg = load_config("configs/fashion_mnist.yaml", [
+        "tracking.run_name='1e-4'", "tracking.tags={commit: '0123', day: '2024-01-01', flag: 'true', n: '1e3'}",
+        "training.max_steps=7", "training.time_budget_s=12.5", "training.min_lr=1e-7", "data.data_path=null",
+        "masking.base_scale=[0.1,0.2]", "data.multicrop.local_crop_scale=[0.05,0.4]", "training.device=cpu"])
+    assert cfg.tracking.run_name == "1e-4" and cfg.tracking.tags["n"] == "1e3"
+    loaded = load_config(cfg.save(tmp_path / "config.yaml"))
+    assert loaded == cfg
+    assert isinstance(loaded.masking.base_scale, tuple) and isinstance(loaded.data.multicrop.global_crop_scale, tuple)
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_cli_value_forms():
+    """The override spellings the hand-written parser took still work on OmegaConf."""
+    cfg = load_config(None, ["training.max_steps=1e3", "training.epochs=3.0", "training.time_budget_s=None",
+                             "data.data_path=", "loss.hierarchy_weights=[1,0.5,0.25]", "tracking.tags={a: 1}",
+                             "tracking.registered_model_name=null", " training.lr = 0.5"])
+    assert cfg.training.max_steps == 1000 and cfg.training.epochs == 3 and cfg.training.time_budget_s is None
+    assert cfg.data.data_path == "" and cfg.loss.hierarchy_weights == [1.0, 0.5, 0.25]
+    assert cfg.tracking.tags == {"a": "1"} and cfg.tracking.registered_model_name is None and cfg.training.lr == 0.5
+
+
+def test_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    for text, message in (("training:\n  epochs: abc\n", "training.epochs: expected an integer, got 'abc'"),
+                          ("training:\n  lr: 1\n  lr: 2\n", "not valid YAML"), ("5\n", "top level must be a mapping"),
+                          ("- 1\n", "top level must be a mapping")):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=r"bad\.yaml") as info:
+            load_config(bad)
+        assert message in str(info.value)
+
+
+def test_overrides_interpolate(monkeypatch):
+    monkeypatch.setenv("HJEPA_RUNS", "/data/runs")
+    cfg = load_config(None, ["training.output_dir=${oc.env:HJEPA_RUNS}/a", "tracking.run_name=${training.seed}"])
+    assert cfg.training.output_dir == "/data/runs/a" and cfg.tracking.run_name == "0"
