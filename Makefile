@@ -45,6 +45,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy hjepa_core hjepa_kfp
 
 # The main job on the embedded default: the seed's examples, then the Kubeflow pipeline run locally
 # (KFP SubprocessRunner): shard -> 3 minutes of H-JEPA multi-crop pretraining on the CPU (a time

@@ -215,7 +215,8 @@ def pretrain_stage(
     try:
         if gpus > 1:
             # config.yaml holds the URI without credentials: the processes get the full one from the env.
-            env = {**os.environ, **({"MLFLOW_TRACKING_URI": tracking.resolved_uri} if parent else {})}
+            uri = tracking.resolved_uri if parent else None
+            env = {**os.environ, **({"MLFLOW_TRACKING_URI": uri} if uri else {})}
             code = subprocess.run(train_command(resolved, gpus), check=False, env=env).returncode
             if code != 0:
                 raise RuntimeError(f"pretrain: torchrun exited with {code}; checkpoints in {work / 'checkpoints'}")

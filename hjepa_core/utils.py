@@ -8,7 +8,7 @@ import hashlib
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -240,3 +240,9 @@ def mix_seeds(*values: int, salt: int = 0) -> int:
     for v in values:
         mixed = (mixed * 1_000_003 + int(v) + salt) % SEED_MODULUS
     return mixed
+
+
+def as_pair(values: Sequence[float]) -> tuple[float, float]:
+    """``[low, high]`` (a list from YAML, or a tuple) as a ``(low, high)`` tuple; other lengths raise."""
+    low, high = values
+    return low, high

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,7 +29,7 @@ from hjepa_core.data.multicrop_transforms import (
     build_multicrop_transform,
 )
 from hjepa_core.data.samples import MultiCropSample, sample_seed
-from hjepa_core.data.shards import build_shard_multicrop_dataset, shard_spec_from
+from hjepa_core.data.shards import ShardMultiCropDataset, build_shard_multicrop_dataset, shard_spec_from
 from hjepa_core.data.sources import build_source
 from hjepa_core.masks.multicrop_masking import MultiCropMaskGenerator, MultiCropMasks
 from hjepa_core.utils import mix_seeds, rank_world
@@ -169,7 +170,7 @@ def build_multicrop_dataset(
     local_crop_size: int = LOCAL_CROP_SIZE,
     max_samples: int | None = None,
     **kwargs,
-) -> Dataset:
+) -> MultiCropDataset | ShardMultiCropDataset:
     """The seed's entry point: a named dataset (or shard URLs) as a multi-crop dataset.
 
     ``max_samples`` keeps a fixed random subset; ``kwargs`` go to
@@ -344,7 +345,7 @@ def build_multicrop_dataloader(
         warnings.warn("dataset has no multi-crop transform: crops stay uint8", stacklevel=2)
     collator = MultiCropCollator(photometric, mask_generator, defer_photometric)
     rank, world_size = rank_world(rank, world_size)
-    common = dict(
+    common: dict[str, Any] = dict(
         num_workers=num_workers,
         collate_fn=collator,
         pin_memory=pin_memory,
@@ -352,5 +353,7 @@ def build_multicrop_dataloader(
     )
     if isinstance(dataset, torch.utils.data.IterableDataset):
         return DataLoader(dataset, batch_size=batch_size, drop_last=drop_last, **common)
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"a map-style dataset needs __len__ to be batched, got {type(dataset).__name__}")
     sampler = SeededBatchSampler(len(dataset), batch_size, shuffle, drop_last, seed, rank, world_size)
     return DataLoader(dataset, batch_sampler=sampler, **common)

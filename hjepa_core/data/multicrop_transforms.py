@@ -34,6 +34,7 @@ from hjepa_core.data.photometric import (
     AugmentPolicy,
     BatchPhotometric,
 )
+from hjepa_core.utils import as_pair
 
 
 @dataclass(frozen=True)
@@ -198,10 +199,10 @@ class MultiCropTransform:
         self.num_local_crops = num_local_crops
         self.global_crop_size = global_crop_size
         self.local_crop_size = local_crop_size
-        self.global_crop_scale = tuple(global_crop_scale)
-        self.local_crop_scale = tuple(local_crop_scale)
+        self.global_crop_scale = as_pair(global_crop_scale)
+        self.local_crop_scale = as_pair(local_crop_scale)
         self.flip_prob = flip_prob
-        self.aspect_ratio = tuple(aspect_ratio)
+        self.aspect_ratio = as_pair(aspect_ratio)
         self.photometric = MultiCropPhotometric(
             global_policy or AugmentPolicy(color_jitter=global_color_jitter),
             local_policy or AugmentPolicy(color_jitter=local_color_jitter),

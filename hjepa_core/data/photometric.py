@@ -215,21 +215,22 @@ class BatchPhotometric:
         device = x.device
         view = (x.shape[0], 1, 1, 1)
         for op in params.order:
+            drawn = (params.brightness, params.contrast, params.saturation, params.hue)[op]
+            assert drawn is not None  # the order is drawn together with the colour-jitter tensors
             if op == 0:
-                x.mul_(params.brightness[rows].to(device).view(view)).clamp_(0.0, 255.0)
+                x.mul_(drawn[rows].to(device).view(view)).clamp_(0.0, 255.0)
             elif op == 1:
-                factor = params.contrast[rows].to(device)
+                factor = drawn[rows].to(device)
                 mean = x.mean(dim=(2, 3)) @ _gray_weights(device)
                 x.mul_(factor.view(view)).add_(((1.0 - factor) * mean).view(view))
                 x.clamp_(0.0, 255.0)
             else:
-                matrices = params.saturation if op == 2 else params.hue
-                _apply_color_matrix(x, matrices[rows].to(device), scratch)
+                _apply_color_matrix(x, drawn[rows].to(device), scratch)
         if params.grayscale is not None:
             idx = _chosen(params.grayscale, rows, device)
             if idx is not None:
                 x[idx] = _gray(x[idx]).expand(-1, 3, -1, -1)
-        if params.blur is not None:
+        if params.blur is not None and params.sigma is not None:
             idx = _chosen(params.blur, rows, device)
             if idx is not None:
                 sigma = params.sigma[rows][params.blur[rows]]

@@ -357,12 +357,12 @@ def data_fingerprint(dataset: str, data_path: str | None, split: str) -> str:
         parts: list[Any] = [shards.split_info, files]
     else:
         name, _, inline = dataset.partition(":")
-        root = inline or data_path
+        root: str | Path | None = inline or data_path
         if name.lower().replace("-", "_") == "fashion_mnist":
             root = find_fashion_mnist(root)
         folder = Path(root).resolve() if root else None
-        files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder and folder.is_dir() else []
-        parts = [str(folder), [stat(p) for p in files]]
+        paths = sorted(p for p in folder.rglob("*") if p.is_file()) if folder and folder.is_dir() else []
+        parts = [str(folder), [stat(p) for p in paths]]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -79,6 +79,7 @@ def register_evaluated(
         not champion) and ``uri`` (``models:/NAME/VERSION``).
     """
     encoder = loaded.context_encoder if report["selected_encoder"] == "context" else loaded.encoder
+    assert encoder is not None  # the report selects the context encoder only when the checkpoint has one
     pixels, _ = next(iter(pixel_batches(test_source, loaded.crop_size, batch_size=EXAMPLE_IMAGES)))
     example = pixels.numpy()
     with tempfile.TemporaryDirectory(prefix="hjepa-register-") as scratch:

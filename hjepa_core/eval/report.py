@@ -137,7 +137,7 @@ def _plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, 
     if n <= 20:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
+                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
                         color="white" if rates[i, j] > 0.5 else "black")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     fig.tight_layout()

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from hjepa_core.constants import GLOBAL_CROP_SIZE
+from hjepa_core.utils import as_pair
 
 
 class MaskConfigError(ValueError):
@@ -182,10 +183,10 @@ class HierarchicalMaskGenerator:
         self.grid = input_size // patch_size
         self.num_hierarchies = num_hierarchies
         self.num_target_masks = num_target_masks
-        self.base_scale = tuple(base_scale)
-        self.aspect_ratio_range = tuple(aspect_ratio_range)
+        self.base_scale = as_pair(base_scale)
+        self.aspect_ratio_range = as_pair(aspect_ratio_range)
         self.level_scale_growth = level_scale_growth
-        self.context_scale = tuple(context_scale)
+        self.context_scale = as_pair(context_scale)
         self.min_context_patches = min_context_patches
         self.min_context_fraction = min_context_fraction
         self.grid_sizes = [self.grid // 2**k for k in range(num_hierarchies)]

@@ -22,7 +22,9 @@ One forward pass over a :class:`~hjepa_core.data.MultiCropBatch`:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import functools
+import operator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +42,8 @@ class HJEPAOutput:
     """Loss, its parts (detached floats for logging) and pooled target embeddings."""
 
     loss: Tensor
-    parts: dict[str, Tensor] = field(default_factory=dict)
-    pooled_targets: Tensor | None = None
+    parts: dict[str, Tensor]
+    pooled_targets: Tensor
 
 
 def _layer_norm(x: Tensor) -> Tensor:
@@ -124,8 +126,8 @@ class HJEPA(nn.Module):
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
         """EMA step: target <- momentum * target + (1 - momentum) * online."""
-        online = list(self.encoder.parameters())
-        target = list(self.target_encoder.parameters())
+        online: list[Tensor] = list(self.encoder.parameters())
+        target: list[Tensor] = list(self.target_encoder.parameters())
         torch._foreach_lerp_(target, online, 1.0 - momentum)
 
     @torch.no_grad()
@@ -182,8 +184,8 @@ class HJEPA(nn.Module):
         queries, answers, valid = [], [], []
         for k, weight in enumerate(self.hierarchy_weights):
             idx = torch.cat([m.targets[k] for m in masks.global_masks]).flatten(1)
-            level_valid = (None if masks.global_masks[0].target_valid is None
-                           else torch.cat([m.target_valid[k] for m in masks.global_masks]).flatten(1))
+            crop_valid = [m.target_valid[k] for m in masks.global_masks if m.target_valid is not None]
+            level_valid = torch.cat(crop_valid).flatten(1) if len(crop_valid) == len(masks.global_masks) else None
             level_positions = source_positions(boxes, flips, side, cell=2**k)
             queries.append((_gather_tokens(level_positions, idx), k))
             answers.append((f"loss/level_{k}", weight, _gather_tokens(level_targets[k], idx)))
@@ -216,7 +218,7 @@ class HJEPA(nn.Module):
             parts[name] = prediction_loss(pred, target, self.loss_type, mask)
             total = total + weight * parts[name]
 
-        if local_tokens is not None:
+        if local_tokens is not None and local_positions is not None:
             total = total + self._local_loss(local_tokens, local_positions, queries[:levels], answers[:levels],
                                              valid[:levels], image_queries, image_targets, n_g, b, parts)
         if self.vicreg_weight > 0 and n_g >= 2:
@@ -252,10 +254,9 @@ class HJEPA(nn.Module):
         total = self.local_weight * parts["loss/local"]
         if self.local_level_weight > 0:
             weights = [weight for _, weight, _ in level_answers]
-            parts["loss/local_levels"] = sum(
-                w * prediction_loss(p, t, self.loss_type, m)
-                for w, p, t, m in zip(weights, predictions[1:], targets[1:], masks[1:], strict=True)
-            ) / sum(weights)
+            level_losses = [w * prediction_loss(p, t, self.loss_type, m)
+                            for w, p, t, m in zip(weights, predictions[1:], targets[1:], masks[1:], strict=True)]
+            parts["loss/local_levels"] = functools.reduce(operator.add, level_losses) / sum(weights)
             total = total + self.local_level_weight * parts["loss/local_levels"]
         return total
 

@@ -46,6 +46,8 @@ class RotaryEmbedding2D(nn.Module):
     Half of each head's channels rotate with the token's column, half with its row.
     """
 
+    freqs: Tensor  # a registered buffer (declared so type checkers see a Tensor, not a Module)
+
     def __init__(self, head_dim: int, theta: float = 100.0) -> None:
         super().__init__()
         if head_dim % 4:
@@ -171,5 +173,6 @@ def init_weights(module: nn.Module) -> None:
 def rescale_residual_branches(blocks: nn.ModuleList) -> None:
     """Scales each block's output projections by 1/sqrt(2 * layer) (I-JEPA's init)."""
     for layer, block in enumerate(blocks, start=1):
+        assert isinstance(block, Block)
         for weight in (block.attn.proj.weight, block.mlp.fc2.weight):
             weight.data.div_(math.sqrt(2.0 * layer))

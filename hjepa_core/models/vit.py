@@ -97,12 +97,14 @@ class VisionTransformer(nn.Module):
 
     def arch(self) -> dict[str, Any]:
         """Constructor arguments, saved with weights so the encoder can be rebuilt."""
+        block = self.blocks[0]
+        assert isinstance(block, Block)
         return {
             "patch_size": self.patch_size,
             "embed_dim": self.embed_dim,
             "depth": self.depth,
             "num_heads": self.num_heads,
-            "mlp_ratio": self.blocks[0].mlp.fc1.out_features / self.embed_dim,
+            "mlp_ratio": block.mlp.fc1.out_features / self.embed_dim,
             "use_rope": self.use_rope,
         }
 

@@ -55,7 +55,8 @@ class MetricWindow:
     def read(self, world_size: int) -> tuple[dict[str, float], list[tuple[int, dict[str, float]]]]:
         """Per-step means over the window and the pending ``(step, values)``, in one transfer
         (averaged over ranks with one all-reduce when ``world_size`` > 1)."""
-        groups = [(None, key, sums) for key, sums in self.sums.items()]
+        groups: list[tuple[int | None, tuple[str, ...], Tensor]] = [
+            (None, key, sums) for key, sums in self.sums.items()]
         groups += [(step, tuple(values), torch.stack(list(values.values())).float())
                    for step, values in self.pending]
         if not groups:
@@ -66,7 +67,7 @@ class MetricWindow:
             flat /= world_size
         numbers = iter(flat.tolist())
         means: dict[str, float] = {}
-        pending = []
+        pending: list[tuple[int, dict[str, float]]] = []
         for step, names, _ in groups:
             values = {name: next(numbers) for name in names}
             if step is None:

@@ -25,7 +25,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from hjepa_core.config import Config, ConfigError
-from hjepa_core.data.multicrop_dataset import MultiCropBatch, build_multicrop_dataloader, build_multicrop_dataset
+from hjepa_core.data.multicrop_dataset import (
+    MultiCropBatch,
+    SeededBatchSampler,
+    build_multicrop_dataloader,
+    build_multicrop_dataset,
+)
+from hjepa_core.data.shards import ShardMultiCropDataset
 from hjepa_core.data.shards.integrity import describe
 from hjepa_core.losses import collapse_statistics
 from hjepa_core.models.hjepa import HJEPA, HJEPAOutput, build_hjepa
@@ -359,12 +365,14 @@ class Trainer:
         clock = time.perf_counter()
         with _PreemptionFlag() as flag:
             while self.step < self.total_steps and not preempted and not self._out_of_time():
-                if isinstance(self.dataset, torch.utils.data.IterableDataset):
+                if isinstance(self.dataset, ShardMultiCropDataset):
                     self.dataset.set_epoch(self.epoch)
                     self.dataset.skip_batches(self.next_batch, t.batch_size)
                 else:
-                    self.loader.batch_sampler.set_epoch(self.epoch)
-                    self.loader.batch_sampler.skip_batches(self.next_batch)
+                    sampler = self.loader.batch_sampler
+                    assert isinstance(sampler, SeededBatchSampler)  # build_multicrop_dataloader's, for map-style data
+                    sampler.set_epoch(self.epoch)
+                    sampler.skip_batches(self.next_batch)
                 if hasattr(self.dataset.transform, "set_epoch"):
                     self.dataset.transform.set_epoch(self.epoch)
                 micro, exhausted = 0, False
@@ -451,7 +459,7 @@ class Trainer:
         if not self.dist.is_main:
             return TrainResult(self.output_dir, None, {}, None, self.step, preempted)
         losses = [h for h in self.history if "loss" in h]
-        summary = {
+        summary: dict[str, Any] = {
             "steps": self.step,
             "epochs_completed": self.epoch,
             "images_seen": self.images_seen,

@@ -163,11 +163,12 @@ def _split_name(name: str) -> tuple[str, str] | None:
 
 
 def _members(stream: BinaryIO | _HashingReader) -> Iterator[tuple[str, str, bytes]]:
+    # typeshed's tarfile wants write/seek/tell even of a read-only stream ("r|*"), which it never calls
     with tarfile.open(fileobj=stream, mode="r|*") as tar:  # type: ignore[call-overload]
         for info in tar:
             split = _split_name(info.name) if info.isreg() else None
             if split is not None:
-                yield split[0], split[1], tar.extractfile(info).read()  # type: ignore[union-attr]
+                yield split[0], split[1], tar.extractfile(info).read()
 
 
 def _samples(stream: BinaryIO | _HashingReader, url: str) -> Iterator[dict]:

@@ -38,7 +38,7 @@ import os
 import re
 import tarfile
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -194,10 +194,10 @@ def _encode_index(source: Dataset, index: int, options: _EncodeOptions, classes:
     label = int(label)
     payload, ext, converted, reencoded = _encode_pil(image, data, options)
     record = _record(source_id, image, label, classes, converted, reencoded)
-    files = {ext: payload, "cls": str(label).encode(),
-             "json": json.dumps(record, sort_keys=True).encode()}
-    files[CHECKSUM_KEY] = sample_digest(files).encode()  # the reader checks each sample as it reads it
-    return _Encoded(index, label, _tar_members(f"{options.split}_{index:09d}", files), record)
+    members = {ext: payload, "cls": str(label).encode(),
+               "json": json.dumps(record, sort_keys=True).encode()}
+    members[CHECKSUM_KEY] = sample_digest(members).encode()  # the reader checks each sample as it reads it
+    return _Encoded(index, label, _tar_members(f"{options.split}_{index:09d}", members), record)
 
 
 _WORKER_STATE: tuple[Dataset, _EncodeOptions, list[str], Any] | None = None
@@ -270,7 +270,7 @@ def shuffled_order(count: int, seed: int) -> list[int]:
 
 
 def _results(source: Dataset, options: _EncodeOptions, classes: list[str], workers: int,
-             order: list[int], chunk_size: int = 64) -> Iterator[_Encoded | _Skipped]:
+             order: list[int], chunk_size: int = 64) -> Generator[_Encoded | _Skipped, None, None]:
     """Encoded samples in ``order``, computed by ``workers`` processes.
 
     At most ``4 x workers`` chunks are in flight, so a slow disk cannot make encoded samples
