@@ -4,8 +4,10 @@ The Kubeflow components (:mod:`hjepa_kfp.components`, a separate package this li
 imports) are thin wrappers over these, so the CLI, DVC and KFP share one implementation. Each
 stage logs one MLflow child run under one parent run per pipeline run; the parent is found (or
 created) by the ``kfp.run_id`` tag, so stages running in separate pods agree on it without
-passing ids around. Secrets never pass through here: MLflow reads its credentials
-(``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, ``AWS_*``) from the environment.
+passing ids around. The Kubeflow components read that id from their output artifacts' URIs
+(:func:`run_id_from_uri`): no task takes it as an input, so a task's cache can hit. Secrets never
+pass through here: MLflow reads its credentials (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``,
+``AWS_*``) from the environment.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,39 +131,84 @@ def read_stage(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def shard_stage(
-    source: str, out_dir: str | Path, tracking: StageTracking, *, data_path: str | None = None,
-    max_samples: int | None = None, max_test_samples: int | None = None, samples_per_shard: int | None = None,
-) -> dict[str, Any]:
-    """Writes the train and test splits of ``source`` as shards; returns the manifest.
+def run_id_from_uri(uri: str, task: str) -> str:
+    """The pipeline run id in the URI KFP gave one of ``task``'s output artifacts.
+
+    KFP names outputs ``<pipeline root>/<pipeline name>/<run id>/<task>[/<salt>]/<output>`` on a
+    cluster and ``<root>/<pipeline name>-<timestamp>/<task>/<output>`` locally: the folder above
+    the task's is the run. Stages read their run id here instead of taking
+    ``dsl.PIPELINE_JOB_ID_PLACEHOLDER`` as an input, which differs every run and so would keep a
+    task's cache from ever hitting.
 
     Raises:
-        DatasetNotFoundError, ValueError, OSError: bad source; RuntimeError: no readable images.
+        ValueError: ``uri`` has no ``task`` folder (not a KFP output URI).
+    """
+    parts = [part for part in uri.split("/") if part]
+    for index in range(len(parts) - 1, 0, -1):
+        if parts[index] == task:
+            return parts[index - 1]
+    raise ValueError(f"{uri}: no {task!r} folder, so no pipeline run id (not a KFP output artifact URI)")
+
+
+def shard_location(shard_root: str, shards_uri: str) -> str:
+    """Where the ``shard`` task writes: ``<shard_root>/<id of the run whose shard task ran>``.
+
+    The id comes from the ``Dataset`` artifact's URI, not from an input, so the task stays
+    cacheable. A cache hit hands a later run the first run's artifact and its recorded
+    location, a folder only that run's shard task ever wrote (a retry of it rewrites the same
+    bytes), so it stays whole and valid for as long as it is kept; keying by the inputs instead
+    would let another run with the same inputs rewrite a folder that a cached run is reading.
+    Delete a run's shard folder only with its KFP cache entry (or run without caching).
+    """
+    return f"{shard_root.rstrip('/')}/{run_id_from_uri(shards_uri, 'shard')}"
+
+
+def shard_stage(
+    source: str, out: str | Path, record_dir: str | Path, tracking: StageTracking, *, data_path: str | None = None,
+    max_samples: int | None = None, max_test_samples: int | None = None, samples_per_shard: int | None = None,
+) -> dict[str, Any]:
+    """Writes the train and test splits of ``source`` as shards to ``out``; returns the manifest.
+
+    ``out`` is a local folder (a PVC path, or the stage's own output folder) or an object-store URL
+    (``s3://...``: written to a temporary folder, then uploaded, manifest last). ``record_dir``, a
+    local folder that may be ``out``, gets ``stage.json`` (MLflow run ids and ``location``: ``out``)
+    or, on failure, ``error.txt``.
+
+    Raises:
+        DatasetNotFoundError, ValueError, OSError: bad source; RuntimeError: no readable images;
+        ImportError: no fsspec package for ``out``'s scheme.
     """
     from hjepa_core.data.shards import MANIFEST_NAME, write_shards
+    from hjepa_core.data.shards.spec import local_path
+    from hjepa_core.data.shards.upload import upload_shards
 
-    out = Path(out_dir)
+    record, local = Path(record_dir), local_path(str(out))
     parent = parent_run(tracking)
     tracker = _stage_tracker(tracking, "shard", parent)
     try:
-        manifest: dict[str, Any] = {}
-        for split, limit in (("train", max_samples), ("test", max_test_samples)):
-            manifest = write_shards(source, out, split, data_path=data_path, max_samples=limit,
-                                    samples_per_shard=samples_per_shard, progress=False)
-            if manifest["splits"][split]["num_samples"] == 0:
-                raise RuntimeError(f"shard: no readable images in the {split} split of {source!r}")
-        tracker.log_params({"source": source, "data_path": data_path, "max_samples": max_samples,
-                            "max_test_samples": max_test_samples})
-        tracker.log_metrics({f"{split}_{key}": float(info[key]) for split, info in manifest["splits"].items()
-                             for key in ("num_samples", "num_skipped")})
-        tracker.log_artifact(out / MANIFEST_NAME)
+        with tempfile.TemporaryDirectory(prefix="hjepa-shards-") as scratch:
+            folder = local if local is not None else Path(scratch)
+            manifest: dict[str, Any] = {}
+            for split, limit in (("train", max_samples), ("test", max_test_samples)):
+                manifest = write_shards(source, folder, split, data_path=data_path, max_samples=limit,
+                                        samples_per_shard=samples_per_shard, progress=False)
+                if manifest["splits"][split]["num_samples"] == 0:
+                    raise RuntimeError(f"shard: no readable images in the {split} split of {source!r}")
+            if local is None:
+                upload_shards(folder, str(out))
+            tracker.log_params({"source": source, "data_path": data_path, "max_samples": max_samples,
+                                "max_test_samples": max_test_samples, "location": str(out)})
+            tracker.log_metrics({f"{split}_{key}": float(info[key]) for split, info in manifest["splits"].items()
+                                 for key in ("num_samples", "num_skipped")})
+            tracker.log_artifact(folder / MANIFEST_NAME)
         tracker.finish("FINISHED")
     except BaseException as exc:
-        _record_failure(out, "shard", exc)
+        _record_failure(record, "shard", exc)
         tracker.finish("FAILED")
         _end_parent(tracking, parent, "FAILED")
         raise
-    _write_stage(out, {"mlflow_parent_run_id": parent, "mlflow_run_id": tracker.run_id})
+    make_dirs(record)
+    _write_stage(record, {"mlflow_parent_run_id": parent, "mlflow_run_id": tracker.run_id, "location": str(out)})
     return manifest
 
 
@@ -186,21 +234,35 @@ def train_command(config_path: str | Path, nproc: int) -> list[str]:
 
 
 def pretrain_stage(
-    config_path: str | None, overrides: list[str], shards_dir: str | Path, work_dir: str | Path,
+    config_path: str | None, overrides: list[str], shards_dir: str | Path, work_dir: str | Path | None,
     model_dir: str | Path, tracking: StageTracking, *, gpus: int = 0,
 ) -> dict[str, Any]:
     """Pretrains on the shards into ``work_dir`` (resuming from its checkpoints) and copies the
     encoder and resolved config to ``model_dir``. ``gpus`` > 1 runs torchrun on this node.
 
+    ``work_dir`` None: a temporary folder, deleted afterwards (no resume on a retry), so that no
+    file is left outside ``model_dir`` (a cluster uploads only a step's declared outputs).
     Returns:
         metadata: steps, final loss, MLflow run ids, model size.
     Raises:
         RuntimeError: the run was pre-empted (the checkpoint is saved; a retry resumes) or torchrun failed.
     """
+    if work_dir is not None:
+        return _pretrain(config_path, overrides, shards_dir, Path(work_dir), Path(model_dir), tracking, gpus,
+                         kept=True)
+    with tempfile.TemporaryDirectory(prefix="hjepa-pretrain-") as scratch:
+        return _pretrain(config_path, overrides, shards_dir, Path(scratch), Path(model_dir), tracking, gpus,
+                         kept=False)
+
+
+def _pretrain(
+    config_path: str | None, overrides: list[str], shards_dir: str | Path, work: Path, model: Path,
+    tracking: StageTracking, gpus: int, *, kept: bool,
+) -> dict[str, Any]:
+    """:func:`pretrain_stage` in ``work``; ``kept``: ``work`` outlives the stage (a retry resumes there)."""
     from hjepa_core.config import load_config
     from hjepa_core.train.engine import ENCODER_FILE, METRICS_FILE
 
-    work, model = Path(work_dir), Path(model_dir)
     make_dirs(work)
     config = load_config(config_path, [*overrides, f"data.dataset=shards:{shards_dir}",
                                        f"training.output_dir={work}"])
@@ -212,6 +274,8 @@ def pretrain_stage(
     config.tracking.run_name = f"pretrain-{tracking.kfp_run_id}"
     config.tracking.tags = {**config.tracking.tags, KFP_RUN_TAG: tracking.kfp_run_id, STAGE_TAG: "pretrain"}
     resolved = config.save(work / CONFIG_FILE)
+    where = (f"checkpoints in {work / 'checkpoints'}, a retry resumes from them" if kept
+             else "no checkpoint kept (a temporary folder): set a checkpoint root to resume on a retry")
     try:
         if gpus > 1:
             # config.yaml holds the URI without credentials: the processes get the full one from the env.
@@ -219,7 +283,7 @@ def pretrain_stage(
             env = {**os.environ, **({"MLFLOW_TRACKING_URI": uri} if uri else {})}
             code = subprocess.run(train_command(resolved, gpus), check=False, env=env).returncode
             if code != 0:
-                raise RuntimeError(f"pretrain: torchrun exited with {code}; checkpoints in {work / 'checkpoints'}")
+                raise RuntimeError(f"pretrain: torchrun exited with {code}; {where}")
             summary = json.loads((work / METRICS_FILE).read_text())
             run_id = _find_stage_run(tracking, "pretrain") if parent else None
         else:
@@ -228,8 +292,7 @@ def pretrain_stage(
 
             result = train(config, resume="auto", progress=False, monitor=epoch_monitor(config))
             if result.preempted:
-                raise RuntimeError(f"pretrain: pre-empted at step {result.steps}; checkpoint saved in "
-                                   f"{work / 'checkpoints'}, a retry resumes from it")
+                raise RuntimeError(f"pretrain: pre-empted at step {result.steps}; {where}")
             summary, run_id = result.metrics, result.run_id
     except BaseException as exc:
         _record_failure(model, "pretrain", exc)

@@ -21,6 +21,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     comp = sub.add_parser("compile", help="compile the KFP pipeline to YAML")
     comp.add_argument("--output", help="YAML path (default: pipelines/hjepa_pipeline.yaml in the source checkout)")
     comp.add_argument("--image", help="container image of every component (default: the released one)")
+    comp.add_argument("--cache-training", action="store_true",
+                      help="let KFP reuse pretrain/evaluate results for identical inputs (shard always may)")
     comp.set_defaults(func=run_compile)
     loc = sub.add_parser("run-local", help="run the pipeline here with KFP's SubprocessRunner (CPU)")
     loc.add_argument("--root", default="outputs/pipeline", help="local pipeline root (artifacts)")
@@ -31,7 +33,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     loc.add_argument("--max-test-samples", type=int, default=2000, help="test images to shard (0: all)")
     loc.add_argument("--epochs", type=int, default=0, help="= training.epochs (0: the config's)")
     loc.add_argument("--strategy", default="", help="= masking.strategy (empty: the config's)")
-    loc.add_argument("--checkpoint-root", default="", help="checkpoint folder (default: next to the model)")
+    loc.add_argument("--checkpoint-root", default="", help="checkpoint folder (default: a temporary one)")
+    loc.add_argument("--shard-root", default="",
+                     help="shards go to SHARD_ROOT/<run id>, a folder or s3://... (default: the shard artifact)")
     loc.add_argument("--mlflow-uri", default="", help="MLflow URI (default: MLFLOW_TRACKING_URI; none: off)")
     loc.add_argument("--experiment", default="hjepa-pipeline", help="MLflow experiment")
     loc.add_argument("--eval-max-train-samples", type=int, default=0, help="probe training images (0: all)")
@@ -55,7 +59,8 @@ def _pipeline_module() -> Any:
 def run_compile(args: argparse.Namespace) -> int:
     """``hjepa pipeline compile``."""
     module = _pipeline_module()
-    path = module.compile_pipeline(args.output or module.COMPILED, args.image or module.DEFAULT_IMAGE)
+    path = module.compile_pipeline(args.output or module.COMPILED, args.image or module.DEFAULT_IMAGE,
+                                   cache_training=args.cache_training)
     print(f"wrote {path}")
     return 0
 
@@ -73,6 +78,14 @@ def _score_table(evaluation: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _folder_or_url(location: str) -> str:
+    """``location`` made absolute when it is a local folder (run-local changes the working directory)."""
+    from hjepa_core.data.shards.spec import local_path
+
+    local = local_path(location) if location else None
+    return str(local.resolve()) if local is not None else location
+
+
 def run_local_command(args: argparse.Namespace) -> int:
     """``hjepa pipeline run-local``: prints the probe accuracy and where the outputs are."""
     from hjepa_core.tracking import resolve_tracking_uri
@@ -85,6 +98,7 @@ def run_local_command(args: argparse.Namespace) -> int:
         "max_test_samples": args.max_test_samples, "config": str(Path(args.config).resolve()) if args.config else "",
         "config_overrides": list(args.overrides), "epochs": args.epochs, "strategy": args.strategy, "gpus": 0,
         "checkpoint_root": str(Path(args.checkpoint_root).resolve()) if args.checkpoint_root else "",
+        "shard_root": _folder_or_url(args.shard_root),
         "mlflow_uri": uri, "experiment": args.experiment, "eval_max_train_samples": args.eval_max_train_samples,
         "eval_max_test_samples": args.eval_max_test_samples, "probe_epochs": args.probe_epochs,
         "baselines": not args.no_baselines,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kfp import dsl
-from kfp.dsl import ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 DEFAULT_IMAGE = "ghcr.io/hjepa/hjepa:0.1.0"
 
@@ -19,17 +19,24 @@ def shard(
     data_path: str,
     max_samples: int,
     max_test_samples: int,
+    shard_root: str,
     mlflow_uri: str,
     experiment: str,
-    kfp_run_id: str,
     shards: Output[Dataset],
 ) -> None:
-    """Writes the source's train and test splits as WebDataset shards (0 samples: all)."""
-    from hjepa_core.pipeline import StageTracking, shard_stage
+    """Writes the source's train and test splits as WebDataset shards (0 samples: all) under
+    ``shard_root`` (see :func:`~hjepa_core.pipeline.shard_location`), or into ``shards`` when it is
+    empty; the artifact's ``location`` and ``manifest`` metadata say where they are."""
+    from hjepa_core.data.shards import MANIFEST_NAME
+    from hjepa_core.pipeline import StageTracking, run_id_from_uri, shard_location, shard_stage
 
-    manifest = shard_stage(source, shards.path, StageTracking(mlflow_uri, experiment, kfp_run_id),
-                           data_path=data_path or None, max_samples=max_samples or None,
-                           max_test_samples=max_test_samples or None)
+    location = shard_location(shard_root, shards.uri) if shard_root else shards.path
+    tracking = StageTracking(mlflow_uri, experiment, run_id_from_uri(shards.uri, "shard"))
+    manifest = shard_stage(source, location, shards.path, tracking, data_path=data_path or None,
+                           max_samples=max_samples or None, max_test_samples=max_test_samples or None)
+    if shard_root:
+        shards.metadata["location"] = location
+        shards.metadata["manifest"] = f"{location}/{MANIFEST_NAME}"
     shards.metadata["source"] = source
     shards.metadata["classes"] = manifest.get("classes", [])
     for split, info in manifest["splits"].items():
@@ -51,21 +58,22 @@ def pretrain(
     checkpoint_root: str,
     mlflow_uri: str,
     experiment: str,
-    kfp_run_id: str,
     model: Output[Model],
     metrics: Output[Metrics],
 ) -> None:
-    """H-JEPA pretraining on the shards; resumes from ``checkpoint_root/<run id>`` on a retry."""
+    """H-JEPA pretraining on the shards; resumes from ``checkpoint_root/<run id>`` on a retry
+    (no ``checkpoint_root``: a temporary folder)."""
     import os
 
-    from hjepa_core.pipeline import StageTracking, pipeline_overrides, pretrain_stage
+    from hjepa_core.pipeline import StageTracking, pipeline_overrides, pretrain_stage, run_id_from_uri
 
     overrides = pipeline_overrides([str(o) for o in config_overrides], epochs=epochs, strategy=strategy,
                                    global_crop_size=global_crop_size, local_crop_size=local_crop_size,
                                    num_local_crops=num_local_crops)
-    work = os.path.join(checkpoint_root, kfp_run_id, "pretrain") if checkpoint_root else model.path + ".work"
-    info = pretrain_stage(config or None, overrides, shards.path, work, model.path,
-                          StageTracking(mlflow_uri, experiment, kfp_run_id), gpus=gpus)
+    run_id = run_id_from_uri(model.uri, "pretrain")
+    work = os.path.join(checkpoint_root, run_id, "pretrain") if checkpoint_root else None
+    info = pretrain_stage(config or None, overrides, shards.metadata.get("manifest") or shards.path, work,
+                          model.path, StageTracking(mlflow_uri, experiment, run_id), gpus=gpus)
     for key, value in info.items():
         if value is not None:
             model.metadata[key] = value
@@ -83,18 +91,19 @@ def evaluate(
     baselines: bool,
     mlflow_uri: str,
     experiment: str,
-    kfp_run_id: str,
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
     report: Output[Markdown],
+    evaluation: Output[Artifact],
 ) -> float:
-    """Linear probe + kNN of the frozen encoder; returns the probe's top-1 accuracy."""
+    """Linear probe + kNN of the frozen encoder; returns the probe's top-1 accuracy. Every file it
+    writes (``eval.json``, the confusion PNG, the report) is in ``evaluation``."""
     import shutil
 
-    from hjepa_core.pipeline import StageTracking, evaluate_stage
+    from hjepa_core.pipeline import StageTracking, evaluate_stage, run_id_from_uri
 
-    result = evaluate_stage(model.path, shards.path, report.path + ".files",
-                            StageTracking(mlflow_uri, experiment, kfp_run_id),
+    tracking = StageTracking(mlflow_uri, experiment, run_id_from_uri(evaluation.uri, "evaluate"))
+    result = evaluate_stage(model.path, shards.metadata.get("manifest") or shards.path, evaluation.path, tracking,
                             max_train_samples=max_train_samples or None, max_test_samples=max_test_samples or None,
                             probe_epochs=probe_epochs, baselines=baselines)
     for key, value in result["metrics"].items():
@@ -103,7 +112,6 @@ def evaluate(
     probe = result["methods"]["encoder"]["probe"]
     confusion.log_confusion_matrix([str(c) for c in result["classes"]], probe["confusion"])
     shutil.copyfile(result["files"]["report"], report.path)
-    report.metadata["files"] = report.path + ".files"
     return float(result["metrics"]["probe_top1"])
 
 

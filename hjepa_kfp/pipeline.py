@@ -29,9 +29,11 @@ COMPILED = REPO_ROOT / "pipelines" / "hjepa_pipeline.yaml"
 DATA_MOUNT = "/mnt/hjepa"
 SHM_SIZE = "16Gi"
 RETRIES = 3
+RUN_AS_USER = 1000  # the image's user (components/Dockerfile)
 # Env names MLflow reads; the secret's keys are the same names (see manifests/ and README).
 MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                       "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+EXECUTOR_OUTPUT = "executor_output.json"  # what the local runner leaves beside a task's outputs
 MLFLOW_CONFIG_KEYS = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL"}
 
 
@@ -41,9 +43,17 @@ def _mlflow_env(task: dsl.PipelineTask, config_map: Any, secret: Any) -> None:
     kubernetes.use_secret_as_env(task, secret, {k: k for k in MLFLOW_SECRET_KEYS}, optional=True)
 
 
-def build_pipeline(image: str = DEFAULT_IMAGE, retries: int = RETRIES) -> Any:
-    """The ``@dsl.pipeline`` with every component running in ``image``; ``retries`` of a failed
-    pretrain pod (it resumes from its checkpoints; 0 for local runs, where a retry repeats the error)."""
+def build_pipeline(image: str = DEFAULT_IMAGE, retries: int = RETRIES, cache_training: bool = False) -> Any:
+    """The ``@dsl.pipeline`` with every component running in ``image``.
+
+    Args:
+        image: the container image of every task (a compile-time setting in KFP).
+        retries: of a failed pretrain pod (it resumes from its checkpoints; 0 for local runs, where
+            a retry repeats the error).
+        cache_training: let KFP reuse ``pretrain`` and ``evaluate`` results for identical inputs
+            (KFP takes caching as a compile-time bool). ``shard`` is always cacheable: its output
+            depends only on its inputs (see :func:`hjepa_core.pipeline.shard_location`).
+    """
     ops = build(image)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="H-JEPA multi-crop pretraining: shard, pretrain, linear probe")
@@ -64,6 +74,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, retries: int = RETRIES) -> Any:
         cpu_request: str = "8",
         memory_request: str = "32G",
         checkpoint_root: str = f"{DATA_MOUNT}/checkpoints",
+        shard_root: str = f"{DATA_MOUNT}/shards",
         pvc_name: str = "hjepa-data",
         mlflow_uri: str = "",
         experiment: str = "hjepa-pipeline",
@@ -74,46 +85,46 @@ def build_pipeline(image: str = DEFAULT_IMAGE, retries: int = RETRIES) -> Any:
         probe_epochs: int = 30,
         baselines: bool = True,
     ) -> float:
-        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         shard = ops.shard(source=source, data_path=data_path, max_samples=max_samples,
-                          max_test_samples=max_test_samples, mlflow_uri=mlflow_uri, experiment=experiment,
-                          kfp_run_id=run_id).set_display_name("shard").set_caching_options(False)
+                          max_test_samples=max_test_samples, shard_root=shard_root, mlflow_uri=mlflow_uri,
+                          experiment=experiment).set_display_name("shard").set_caching_options(True)
         shard.set_cpu_request("2").set_memory_request("4G")
-        _mlflow_env(shard, mlflow_config_map, mlflow_secret)
 
         pretrain = ops.pretrain(
             shards=shard.outputs["shards"], config=config, config_overrides=config_overrides, epochs=epochs,
             strategy=strategy, global_crop_size=global_crop_size, local_crop_size=local_crop_size,
             num_local_crops=num_local_crops, gpus=gpus, checkpoint_root=checkpoint_root, mlflow_uri=mlflow_uri,
-            experiment=experiment, kfp_run_id=run_id,
-        ).set_display_name("pretrain").set_caching_options(False)
+            experiment=experiment,
+        ).set_display_name("pretrain").set_caching_options(cache_training)
         pretrain.set_accelerator_type(accelerator_type).set_accelerator_limit(gpus)
         pretrain.set_cpu_request(cpu_request).set_memory_request(memory_request)
         if retries:
             pretrain.set_retry(retries, backoff_duration="60s", backoff_factor=2.0)
         kubernetes.empty_dir_mount(pretrain, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=SHM_SIZE)
-        kubernetes.mount_pvc(pretrain, pvc_name=pvc_name, mount_path=DATA_MOUNT)
-        _mlflow_env(pretrain, mlflow_config_map, mlflow_secret)
 
         evaluate = ops.evaluate(
             shards=shard.outputs["shards"], model=pretrain.outputs["model"],
             max_train_samples=eval_max_train_samples, max_test_samples=eval_max_test_samples,
             probe_epochs=probe_epochs, baselines=baselines, mlflow_uri=mlflow_uri, experiment=experiment,
-            kfp_run_id=run_id,
-        ).set_display_name("evaluate").set_caching_options(False)
+        ).set_display_name("evaluate").set_caching_options(cache_training)
         evaluate.set_cpu_request("4").set_memory_request("8G")
-        _mlflow_env(evaluate, mlflow_config_map, mlflow_secret)
+        for task in (shard, pretrain, evaluate):
+            # Every task reads or writes the data PVC (raw images, shards, checkpoints), runs as the
+            # image's unprivileged user and reaches MLflow with the same config map and secret.
+            kubernetes.mount_pvc(task, pvc_name=pvc_name, mount_path=DATA_MOUNT)
+            kubernetes.set_security_context(task, run_as_user=RUN_AS_USER, run_as_non_root=True)
+            _mlflow_env(task, mlflow_config_map, mlflow_secret)
         return evaluate.outputs["Output"]
 
     return hjepa_pipeline
 
 
-def compile_pipeline(path: str | Path = COMPILED, image: str = DEFAULT_IMAGE) -> Path:
-    """Compiles the pipeline to ``path`` (YAML) and returns it."""
+def compile_pipeline(path: str | Path = COMPILED, image: str = DEFAULT_IMAGE, cache_training: bool = False) -> Path:
+    """Compiles the pipeline to ``path`` (YAML) and returns it (``cache_training``: see :func:`build_pipeline`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(image), package_path=str(path))
+    compiler.Compiler().compile(build_pipeline(image, cache_training=cache_training), package_path=str(path))
     return path
 
 
@@ -132,16 +143,20 @@ def run_local(pipeline_root: str | Path, arguments: dict[str, Any], image: str =
     """Runs the pipeline with KFP's ``SubprocessRunner`` in this Python environment.
 
     Kubernetes-only settings (GPUs, mounts, secrets) are ignored locally, and a failed stage is
-    not retried; pass ``checkpoint_root`` (a local folder, or "" for the artifact folder) and
-    ``gpus=0``. The config and the source are checked before the first stage.
+    not retried; pass ``checkpoint_root`` (a local folder, or "" for a temporary one) and
+    ``gpus=0``. ``shard_root`` (a local folder or an object-store URL) defaults to "" here: the
+    shards stay in the ``shard`` task's artifact. The config and the source are checked before the
+    first stage.
     Raises:
         ConfigError, DatasetNotFoundError: a bad config or source (before any stage runs).
         RuntimeError: a stage failed; the message is that stage's own error line.
     """
     from kfp import local
 
+    from hjepa_core.eval.report import EVAL_FILE
     from hjepa_core.pipeline import ERROR_FILE, check_inputs, pipeline_overrides
 
+    arguments = {"shard_root": "", **arguments}  # not the pipeline's default, a cluster's PVC path
     root = Path(pipeline_root).resolve()
     cwd = os.getcwd()
     os.chdir(REPO_ROOT)  # relative config paths resolve as in the image (WORKDIR is the repo copy)
@@ -167,11 +182,9 @@ def run_local(pipeline_root: str | Path, arguments: dict[str, Any], image: str =
         os.chdir(cwd)
     new = _new_dirs(root, before)
     run_dir = new[-1] if new else root
-    artifacts = {f"{p.parent.name}/{p.name}": p for p in run_dir.glob("*/*")
-                 if p.name != "executor_output.json" and not p.name.endswith(".work")}
-    reports = sorted(run_dir.rglob("eval.json"), key=lambda p: p.stat().st_mtime)
-    evaluation = json.loads(reports[-1].read_text()) if reports else {}
-    return LocalRun(float(task.output), run_dir, artifacts, evaluation)
+    artifacts = {f"{p.parent.name}/{p.name}": p for p in run_dir.glob("*/*") if p.name != EXECUTOR_OUTPUT}
+    report = artifacts["evaluate/evaluation"] / EVAL_FILE
+    return LocalRun(float(task.output), run_dir, artifacts, json.loads(report.read_text()))
 
 
 def _new_dirs(root: Path, before: set[Path]) -> list[Path]:

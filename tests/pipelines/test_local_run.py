@@ -17,7 +17,8 @@ pytest.importorskip("kfp")
 pytest.importorskip("mlflow")
 
 from hjepa_core.cli import main
-from hjepa_kfp.pipeline import run_local
+from hjepa_kfp.components import build
+from hjepa_kfp.pipeline import EXECUTOR_OUTPUT, run_local
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,11 +27,11 @@ MODEL_NAME = "hjepa-encoder-pipeline-test"
 TINY = [o for o in TINY_OVERRIDES if not o.startswith(("data.max_samples", "tracking."))]
 
 
-def _arguments(uri: str, **changes: object) -> dict[str, object]:
+def _arguments(uri: str, model_name: str = MODEL_NAME, **changes: object) -> dict[str, object]:
     arguments: dict[str, object] = {
         "source": "fashion_mnist", "max_samples": 96, "max_test_samples": 48,
         "config": "configs/fashion_mnist.yaml", "config_overrides": [*TINY, "training.max_steps=2",
-                             f"tracking.registered_model_name={MODEL_NAME}"],
+                             f"tracking.registered_model_name={model_name}"],
         "strategy": "cross_crop_prediction", "local_crop_size": 16, "gpus": 0, "checkpoint_root": "",
         "mlflow_uri": uri, "experiment": EXPERIMENT, "eval_max_train_samples": 96, "eval_max_test_samples": 48,
         "probe_epochs": 2, "baselines": False,
@@ -39,24 +40,56 @@ def _arguments(uri: str, **changes: object) -> dict[str, object]:
     return arguments
 
 
+def _declared_outputs() -> dict[str, set[str]]:
+    """Each task's declared output artifacts: the only files a cluster's launcher uploads."""
+    ops = build()
+    return {name: {key for key, spec in getattr(ops, name).component_spec.outputs.items()
+                   if spec.type.startswith("system.")}
+            for name in ("shard", "pretrain", "evaluate")}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("shard_root", ["", "folder"])
 def test_pipeline_runs_locally_and_logs_to_mlflow(
-    tmp_path: Path, mlflow_server: str, fashion_mnist_train: object
+    tmp_path: Path, mlflow_server: str, fashion_mnist_train: object, shard_root: str
 ) -> None:
+    """Shards in the shard artifact (shard_root ""), or in a folder the artifact points to; every
+    file a stage writes is inside one of its declared outputs."""
     import mlflow
 
-    run = run_local(tmp_path / "root", _arguments(mlflow_server))
+    experiment, model_name = (f"{name}-{shard_root or 'artifact'}" for name in (EXPERIMENT, MODEL_NAME))
+    root = str(tmp_path / "shards") if shard_root else ""
+    run = run_local(tmp_path / "root", _arguments(mlflow_server, model_name, shard_root=root, experiment=experiment))
     assert 0.0 <= run.probe_top1 <= 1.0
+    declared = _declared_outputs()
+    assert {p.name for p in run.run_dir.iterdir()} == set(declared)
+    for task, outputs in declared.items():
+        written = {p.name for p in (run.run_dir / task).iterdir()} - {EXECUTOR_OUTPUT}
+        assert written <= outputs, f"{task} wrote outside its outputs: {written - outputs}"
     shards, model = run.artifacts["shard/shards"], run.artifacts["pretrain/model"]
-    manifest = json.loads((shards / "manifest.json").read_text())
+    location = tmp_path / "shards" / run.run_dir.name if shard_root else shards
+    if shard_root:  # the artifact only records where the shards are
+        assert {p.name for p in shards.iterdir()} == {"stage.json"}
+        assert json.loads((shards / "stage.json").read_text())["location"] == str(location)
+        assert [p.name for p in (tmp_path / "shards").iterdir()] == [run.run_dir.name]
+    manifest = json.loads((location / "manifest.json").read_text())
     assert manifest["splits"]["train"]["num_samples"] == 96 and manifest["splits"]["test"]["num_samples"] == 48
+    assert len(list(location.glob("*.tar"))) == len(manifest["splits"]["train"]["shards"]) + len(
+        manifest["splits"]["test"]["shards"])
+    read_from = f"shards:{location / 'manifest.json'}" if shard_root else f"shards:{location}"
     assert {"encoder.pt", "config.yaml", "metrics.json"} <= {p.name for p in model.iterdir()}
-    assert "masking:\n  strategy: cross_crop_prediction" in (model / "config.yaml").read_text()
+    config = (model / "config.yaml").read_text()
+    assert "masking:\n  strategy: cross_crop_prediction" in config and f"dataset: {read_from}\n" in config
+    assert run.evaluation["settings"]["dataset"] == read_from
+    evaluation = run.artifacts["evaluate/evaluation"]
+    assert {"eval.json", "confusion_matrix.png", "report.md"} <= {p.name for p in evaluation.iterdir()}
     assert "linear probe" in run.artifacts["evaluate/report"].read_text().lower()
+    if shard_root:
+        return  # MLflow and the registry: checked once, on the run below
+
 
     client = mlflow.MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    runs = client.search_runs([experiment.experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     parents = [r for r in runs if r.data.tags.get("hjepa.stage") == "pipeline"]
     assert len(parents) == 1
     parent = parents[0]
@@ -75,7 +108,7 @@ def test_pipeline_runs_locally_and_logs_to_mlflow(
     assert pretrain.data.params["model.embed_dim"] == "32"
     assert "final_loss" in pretrain.data.metrics or "loss" in pretrain.data.metrics
     evaluation = children["evaluate"]
-    versions = client.search_model_versions(f"name='{MODEL_NAME}'")
+    versions = client.search_model_versions(f"name='{model_name}'")
     assert [v.run_id for v in versions] == [evaluation.info.run_id]  # registered after evaluation
     assert evaluation.data.metrics["probe_top1"] == pytest.approx(run.probe_top1)
     assert evaluation.data.tags["hjepa.pretrain_run_id"] == pretrain.info.run_id

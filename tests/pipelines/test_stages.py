@@ -1,4 +1,5 @@
-"""The pretrain stage: torchrun for several devices, and a retry resuming from the checkpoint."""
+"""The stages: shards written to an object store, pretrain under torchrun and a retry resuming
+from the checkpoint."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hjepa_core.data.shards import write_shards
-from hjepa_core.pipeline import StageTracking, pretrain_stage, read_stage
+from hjepa_core.data.shards import ShardSource, write_shards
+from hjepa_core.pipeline import StageTracking, pretrain_stage, read_stage, shard_stage
 from tests.tiny import TINY_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,3 +36,23 @@ def test_pretrain_stage_torchrun_then_resume(
     again = pretrain_stage(config, [*TINY, "training.max_steps=3"], shards, work, tmp_path / "model2", off)
     assert again["steps"] == 3
     assert json.loads((work / "metrics.json").read_text())["history"][: len(first)] == first
+
+
+def test_shard_stage_uploads_to_an_object_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fashion_mnist_train: object
+) -> None:
+    """A URL destination: shards written locally, uploaded (manifest last), read back from the URL;
+    the stage's record (stage.json) says where they are and holds no shard."""
+    import fsspec
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    url, record = "memory://hjepa-stage-test/run-1", tmp_path / "record"
+    manifest = shard_stage("fashion_mnist", url, record, StageTracking(kfp_run_id="test"), max_samples=40,
+                           max_test_samples=20, samples_per_shard=16)
+    memory = fsspec.filesystem("memory")
+    names = {Path(p).name for p in memory.ls("/hjepa-stage-test/run-1", detail=False)}
+    shards = {s["name"] for info in manifest["splits"].values() for s in info["shards"]}
+    assert len(shards) == 5 and names == shards | {"manifest.json"}
+    remote = ShardSource(f"{url}/manifest.json", "test")  # what the pipeline's stages read
+    assert len(remote) == 20 and len(list(remote)) == 20
+    assert read_stage(record)["location"] == url and {p.name for p in record.iterdir()} == {"stage.json"}

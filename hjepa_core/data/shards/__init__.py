@@ -8,6 +8,8 @@
   members, bad inputs skipped and listed, crash-safe renames;
 - :mod:`.integrity`: sample checksums, counts against the manifest and the shared table of
   corrupt shards and lost samples that a run reports and applies its policy to;
+- :mod:`.upload`: ``upload_shards``, a written folder to an object store (manifest last; the
+  pipeline's shard stage imports it, ``hjepa shard`` does not);
 - :mod:`.reader`: :class:`ShardMultiCropDataset` (pretraining, resampled per DDP rank) and
   :class:`ShardSource` (evaluation, each sample exactly once across ranks x workers).
 """
