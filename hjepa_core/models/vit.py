@@ -10,15 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from timm.layers import PatchEmbed
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from hjepa_core.models.layers import (
     Block,
-    PatchEmbed,
     grid_coords,
     init_weights,
     rescale_residual_branches,
+    rotary_embedding,
     sincos_embed,
 )
 
@@ -86,11 +87,11 @@ class VisionTransformer(nn.Module):
         self.num_heads = num_heads
         self.use_rope = use_rope
         self.grad_checkpointing = grad_checkpointing
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        # img_size=None: any crop whose sides are multiples of the patch (checked in forward).
+        self.patch_embed = PatchEmbed(None, patch_size, in_chans, embed_dim)
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, rate, use_rope) for rate in rates
-        )
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, rate) for rate in rates)
+        self.rope = rotary_embedding(embed_dim // num_heads) if use_rope else None
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.apply(init_weights)
         rescale_residual_branches(self.blocks)
@@ -98,7 +99,7 @@ class VisionTransformer(nn.Module):
     def arch(self) -> dict[str, Any]:
         """Constructor arguments, saved with weights so the encoder can be rebuilt."""
         block = self.blocks[0]
-        assert isinstance(block, Block)
+        assert isinstance(block, Block) and isinstance(block.mlp.fc1, nn.Linear)
         return {
             "patch_size": self.patch_size,
             "embed_dim": self.embed_dim,
@@ -117,20 +118,23 @@ class VisionTransformer(nn.Module):
         Returns:
             (N, K or H*W/p^2, D) tokens.
         """
+        if images.shape[-1] % self.patch_size or images.shape[-2] % self.patch_size:
+            raise ValueError(f"image {tuple(images.shape[-2:])} is not divisible by patch {self.patch_size}")
         x = self.patch_embed(images)
         side = images.shape[-1] // self.patch_size
-        coords = grid_coords(side, x.device).expand(x.shape[0], -1, -1)
-        if not self.use_rope:
-            x = x + sincos_embed(coords[:1], self.embed_dim).to(x.dtype)
+        rope = None
+        if self.rope is None:
+            x = x + sincos_embed(grid_coords(side, x.device), self.embed_dim).to(x.dtype)
+        else:
+            rope = self.rope.get_embed([side, side])
         if keep is not None:
             x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
-            coords = torch.gather(coords, 1, keep[..., None].expand(-1, -1, 2))
-        rope_coords = coords if self.use_rope else None
+            rope = None if rope is None else rope[keep][:, None]
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, rope_coords, use_reentrant=False)
+                x = checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, rope_coords)
+                x = block(x, rope)
         return self.norm(x)
 
 
