@@ -47,7 +47,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy hjepa_core hjepa_kfp
 
-# The main job on the embedded default: the seed's examples, then the Kubeflow pipeline run locally
+# The main job on the embedded default: the spec's examples, then the Kubeflow pipeline run locally
 # (KFP SubprocessRunner): shard -> 3 minutes of H-JEPA multi-crop pretraining on the CPU (a time
 # budget: the schedules follow the clock) -> linear probe + kNN against both baselines, in MLflow.
 DEMO_BUDGET_S ?= 180

@@ -1,6 +1,6 @@
 """GPU check: training-step throughput, peak memory and MFU of H-JEPA multi-crop.
 
-Measures ``vit_small`` and ``vit_base`` at the seed's 2 x 224 + 6 x 96 crops with bf16
+Measures ``vit_small`` and ``vit_base`` at the spec's 2 x 224 + 6 x 96 crops with bf16
 autocast, eager and ``torch.compile``; then runs the real engine (``hjepa_core.train.train``)
 for a few steps on CUDA on Fashion-MNIST so the CUDA data path (pinned memory, photometric
 augmentation on the device) is exercised. Writes JSON (``--out``).

@@ -83,8 +83,8 @@ def example_1_basic_multicrop_transform() -> list[torch.Tensor]:
     return crops
 
 
-def seed_multicrop_dataset(split: str = "train") -> MultiCropDataset:
-    """The seed document's multi-crop dataset (2 x 224 + 6 x 96 crops), on Fashion-MNIST."""
+def spec_multicrop_dataset(split: str = "train") -> MultiCropDataset:
+    """The spec's multi-crop dataset (2 x 224 + 6 x 96 crops), on Fashion-MNIST."""
     return build_multicrop_dataset(
         dataset_name=DATASET,
         split=split,
@@ -98,7 +98,7 @@ def seed_multicrop_dataset(split: str = "train") -> MultiCropDataset:
 def example_2_multicrop_dataset() -> MultiCropDataset:
     """A named multi-crop dataset, and an existing dataset wrapped with a transform."""
     _header("Example 2: multi-crop dataset")
-    dataset = seed_multicrop_dataset("train")  # build_multicrop_dataset(dataset_name=..., ...)
+    dataset = spec_multicrop_dataset("train")  # build_multicrop_dataset(dataset_name=..., ...)
     print(f"{DATASET} train: {len(dataset)} images, classes {dataset.classes}")
     crops, label = dataset[0]
     print(f"dataset[0]: label {label} ({dataset.classes[label]}), "
@@ -106,7 +106,7 @@ def example_2_multicrop_dataset() -> MultiCropDataset:
     print("  (colour jitter and normalisation run batched in the loader's collate)")
 
     # Any dataset of (PIL image, label) becomes multi-crop, e.g. CIFAR-style small images
-    # with the seed's low-resolution crop scales.
+    # with the spec's low-resolution crop scales.
     wrapped = MultiCropDataset(
         build_source(DATASET, split="test"),
         global_crop_scale=(0.6, 1.0),
@@ -124,7 +124,7 @@ def example_2_multicrop_dataset() -> MultiCropDataset:
 def example_3_multicrop_dataloader(num_workers: int = 2, batch_size: int = 8) -> MultiCropBatch:
     """Batches of crops from the seeded multi-crop loader (augmentation in the workers)."""
     _header("Example 3: multi-crop dataloader")
-    dataset = seed_multicrop_dataset()
+    dataset = spec_multicrop_dataset()
     dataloader = build_multicrop_dataloader(dataset, batch_size=batch_size,
                                             num_workers=num_workers, seed=0)
     print(f"{len(dataloader)} batches of {batch_size} per epoch, {num_workers} workers")
@@ -149,7 +149,7 @@ def example_4_masking_strategies(output_dir: str | Path = DEFAULT_OUTPUT_DIR,
                                  batch_size: int = 4) -> list[Path]:
     """The three masking strategies on one batch, each saved as a PNG of its masks."""
     _header("Example 4: masking strategies")
-    dataset = seed_multicrop_dataset()
+    dataset = spec_multicrop_dataset()
     pictures = []
     for strategy in MASKING_STRATEGIES:
         mask_gen = MultiCropMaskGenerator(

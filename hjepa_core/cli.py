@@ -292,7 +292,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 def _one_flag_style(parser: argparse.ArgumentParser) -> None:
     """Every multi-word flag of ``parser`` and its sub-commands (plugins included) answers to the
-    seed's underscore spelling (``--data_path``, shown in help and usage) and to the hyphen one."""
+    spec's underscore spelling (``--data_path``, shown in help and usage) and to the hyphen one."""
     parser.formatter_class = _HelpFormatter
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):

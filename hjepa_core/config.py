@@ -2,7 +2,7 @@
 
 ``load_config(path, overrides)`` builds an OmegaConf structured config from the dataclasses,
 merges a YAML file (and the config sections of a DVC params file, for the DVC pipeline), then
-``key=value`` dotlist overrides (``training.lr=1e-4``; the seed's ``--batch_size/--epochs/--lr``
+``key=value`` dotlist overrides (``training.lr=1e-4``; the spec's ``--batch_size/--epochs/--lr``
 map to ``training.*``), and converts the result back to the dataclasses, so callers read
 ``config.training.lr``. OmegaConf checks and converts each value to its field's type; unknown keys
 are errors that suggest the nearest valid key; cross-field rules are checked in
@@ -52,7 +52,7 @@ class ConfigError(ValueError):
 # gives the tuple back, so no field needs typing.Optional or typing.Tuple instead.
 @dataclass
 class MultiCropConfig:
-    """Multi-crop transform parameters (the seed's table)."""
+    """Multi-crop transform parameters (the spec's table)."""
 
     num_global_crops: int = NUM_GLOBAL_CROPS
     num_local_crops: int = NUM_LOCAL_CROPS

@@ -15,7 +15,7 @@ SHARD_IMAGE_FORMATS = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg")}
 # Datasets ``hjepa data fetch`` can put in a folder.
 FETCHABLE_DATASETS = ("fashion_mnist",)
 
-# Multi-crop defaults of the seed document (DINO's 2 x 224 + 6 x 96): every signature and the
+# Multi-crop defaults of the spec (DINO's 2 x 224 + 6 x 96): every signature and the
 # config schema take their defaults from here.
 NUM_GLOBAL_CROPS = 2
 NUM_LOCAL_CROPS = 6

@@ -1,4 +1,4 @@
-"""The seed's training command: ``python scripts/train.py --config configs/multicrop_training.yaml``.
+"""The spec's training command: ``python scripts/train.py --config configs/multicrop_training.yaml``.
 
 Same as ``hjepa train ...``.
 """

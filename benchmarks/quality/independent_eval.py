@@ -4,7 +4,7 @@ One protocol for every variant of the quality benchmark:
 
 - images: fixed subsets of Fashion-MNIST train (default 10,000) and test (default all 10,000),
   28x28 grayscale resized to the crop size (32) as 3 channels and normalised exactly as the
-  library's eval transform does (:class:`~hjepa_core.data.multicrop_transforms.MultiCropEvalTransform`
+  library's eval transform does (:class:`~hjepa_core.data.multicrop_transforms.EvalTransform`
   with ``resize_ratio=1.0``, as ``hjepa_core.eval.features`` uses it);
 - features: the encoder's patch tokens, mean-pooled (a class token, if any, is dropped by the
   caller's token function);
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hjepa_core.data.multicrop_transforms import MultiCropEvalTransform
+from hjepa_core.data.multicrop_transforms import EvalTransform
 from hjepa_core.data.sources import load_fashion_mnist
 from hjepa_core.utils import atomic_torch_save
 
@@ -92,7 +92,7 @@ def load_eval_images(settings: EvalSettings, cache_dir: str | Path | None = None
     path = Path(cache_dir) / f"eval_images-{key}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():
         return EvalImages(**torch.load(path, weights_only=True))
-    transform = MultiCropEvalTransform(settings.crop_size, resize_ratio=1.0)
+    transform = EvalTransform(settings.crop_size, resize_ratio=1.0)
     parts: dict[str, object] = {}
     for split, count in (("train", settings.num_train), ("test", settings.num_test)):
         source = load_fashion_mnist(settings.data_path, split)

@@ -13,6 +13,7 @@ from hjepa_core.data.multicrop_dataset import (
 from hjepa_core.data.multicrop_transforms import (
     AdaptiveMultiCropTransform,
     CropGeometry,
+    EvalTransform,
     MultiCropEvalTransform,
     MultiCropPhotometric,
     MultiCropTransform,
@@ -30,6 +31,7 @@ __all__ = [
     "BatchPhotometric",
     "CropGeometry",
     "DatasetNotFoundError",
+    "EvalTransform",
     "MultiCropBatch",
     "MultiCropCollator",
     "MultiCropDataset",

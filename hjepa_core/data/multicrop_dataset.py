@@ -39,7 +39,7 @@ SampleKey = int | tuple[int, int]
 
 @dataclass
 class MultiCropBatch:
-    """A collated multi-crop batch; unpacks like the seed's ``(crops, labels)``.
+    """A collated multi-crop batch; unpacks like the spec's ``(crops, labels)``.
 
     Attributes:
         crops: ``[global_0, ..., local_n]``, each (B, 3, S, S): normalised float, or uint8 when
@@ -171,7 +171,7 @@ def build_multicrop_dataset(
     max_samples: int | None = None,
     **kwargs,
 ) -> MultiCropDataset | ShardMultiCropDataset:
-    """The seed's entry point: a named dataset (or shard URLs) as a multi-crop dataset.
+    """The spec's entry point: a named dataset (or shard URLs) as a multi-crop dataset.
 
     ``max_samples`` keeps a fixed random subset; ``kwargs`` go to
     :func:`build_multicrop_transform` (scales, jitter, adaptive ...). A shard spec as

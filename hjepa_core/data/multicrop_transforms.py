@@ -156,7 +156,7 @@ class MultiCropTransform:
     ranges and per-crop-type colour-jitter strength. ``global_policy`` / ``local_policy``
     replace the whole photometric policy of a crop type (blur, grayscale, solarise ...).
 
-    Calling the transform on a PIL image returns the seed's list of normalised float crops
+    Calling the transform on a PIL image returns the spec's list of normalised float crops
     ``[global_0, ..., local_n]``; the data loader instead calls :meth:`sample_views` in its
     workers and applies :attr:`photometric` to whole batches.
     """
@@ -336,7 +336,7 @@ class AdaptiveMultiCropTransform(MultiCropTransform):
         return self.local_crops_at(self.epoch)
 
 
-class MultiCropEvalTransform:
+class EvalTransform:
     """Single-crop evaluation transform: resize the short side, centre crop, normalise.
 
     Args:
@@ -373,6 +373,9 @@ class MultiCropEvalTransform:
     def __call__(self, image: Image.Image) -> Tensor:
         """Normalised float (3, S, S) tensor."""
         return (self.pixels(image).float() / 255.0 - self.mean) / self.std
+
+
+MultiCropEvalTransform = EvalTransform  # the multi-crop spec's name for it (docs/multicrop_training.md)
 
 
 def build_multicrop_transform(

@@ -24,7 +24,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class MultiCropSample:
     """One image's crops (uint8, global first), label and crop geometry.
 
-    Unpacks like the seed's ``(crops, label)`` pair.
+    Unpacks like the spec's ``(crops, label)`` pair.
     """
 
     crops: list[Tensor]

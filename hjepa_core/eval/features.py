@@ -1,6 +1,6 @@
 """Frozen-encoder features: loading an encoder checkpoint, extraction, pooling and an on-disk cache.
 
-Images pass through :class:`~hjepa_core.data.multicrop_transforms.MultiCropEvalTransform` at the
+Images pass through :class:`~hjepa_core.data.multicrop_transforms.EvalTransform` at the
 encoder's global crop size; the target encoder's patch tokens are pooled into one vector per
 image. Poolings (``pooling=``):
 
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from hjepa_core.config import Config, ConfigError, config_from_dict
-from hjepa_core.data.multicrop_transforms import MultiCropEvalTransform
+from hjepa_core.data.multicrop_transforms import EvalTransform
 from hjepa_core.models.vit import VisionTransformer, build_encoder, resolve_encoder_size
 from hjepa_core.utils import atomic_torch_save, sha256_file
 
@@ -240,7 +240,7 @@ def source_classes(source: Dataset, labels: Tensor) -> list[str]:
 
 
 class _PixelDataset(Dataset):
-    def __init__(self, source: Dataset, transform: MultiCropEvalTransform) -> None:
+    def __init__(self, source: Dataset, transform: EvalTransform) -> None:
         self.source, self.transform = source, transform
 
     def __len__(self) -> int:
@@ -252,7 +252,7 @@ class _PixelDataset(Dataset):
 
 
 class _PixelStream(IterableDataset):
-    def __init__(self, source: IterableDataset, transform: MultiCropEvalTransform) -> None:
+    def __init__(self, source: IterableDataset, transform: EvalTransform) -> None:
         self.source, self.transform = source, transform
 
     def __iter__(self) -> Iterator[tuple[Tensor, int]]:
@@ -268,7 +268,7 @@ def pixel_batches(
 
     Map-style sources come in order; streams (shards) in their reading order.
     """
-    transform = MultiCropEvalTransform(crop_size, resize_ratio=1.0)
+    transform = EvalTransform(crop_size, resize_ratio=1.0)
     wrapped = (_PixelStream(source, transform) if isinstance(source, IterableDataset)
                else _PixelDataset(source, transform))
     loader = DataLoader(wrapped, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -280,8 +280,8 @@ def pixel_batches(
 
 
 def normalize_pixels(pixels: Tensor) -> Tensor:
-    """uint8 (B, 3, S, S) -> float, normalised as :class:`MultiCropEvalTransform` does."""
-    transform = MultiCropEvalTransform(pixels.shape[-1], resize_ratio=1.0)
+    """uint8 (B, 3, S, S) -> float, normalised as :class:`EvalTransform` does."""
+    transform = EvalTransform(pixels.shape[-1], resize_ratio=1.0)
     mean, std = transform.mean.to(pixels.device), transform.std.to(pixels.device)
     return (pixels.float() / 255.0 - mean) / std
 

@@ -34,7 +34,7 @@ def _small_masks(num_local_crops: int = 2, strategy: str = "cross_crop_predictio
 
 
 def test_seed_basic_usage_runs(fashion_mnist_train: ArrayImageDataset) -> None:
-    """The seed document's "Basic Usage" block, on Fashion-MNIST with a small batch."""
+    """The spec's "Basic Usage" block, on Fashion-MNIST with a small batch."""
     from hjepa_core.data import build_multicrop_dataloader, build_multicrop_dataset
     from hjepa_core.masks import MultiCropMaskGenerator
 
@@ -55,7 +55,7 @@ def test_seed_basic_usage_runs(fashion_mnist_train: ArrayImageDataset) -> None:
         num_local_crops=6,
         masking_strategy="global_only",
     )
-    for crops, labels in dataloader:  # noqa: B007 (the seed's loop, as written)
+    for crops, labels in dataloader:  # noqa: B007 (the spec's loop, as written)
         # crops is a list of tensors: [global_0, global_1, local_0, ..., local_5]
         masks = mask_gen(batch_size=crops[0].shape[0])
         break

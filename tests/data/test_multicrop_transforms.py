@@ -13,6 +13,7 @@ from PIL import Image
 
 from hjepa_core.data.multicrop_transforms import (
     AdaptiveMultiCropTransform,
+    EvalTransform,
     MultiCropEvalTransform,
     MultiCropTransform,
     build_multicrop_transform,
@@ -27,7 +28,7 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def test_seed_parameters_give_two_global_and_six_local_crops(make_image) -> None:
-    transform = MultiCropTransform()  # the seed's defaults: 2 x 224 + 6 x 96
+    transform = MultiCropTransform()  # the spec's defaults: 2 x 224 + 6 x 96
     views = transform.sample_views(make_image(60, 45), _gen(0))
     assert views.num_global_crops == 2
     assert [tuple(c.shape) for c in views.crops] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 6
@@ -180,10 +181,11 @@ def test_build_multicrop_transform() -> None:
 
 
 def test_eval_transform(make_image) -> None:
-    transform = MultiCropEvalTransform(crop_size=32, resize_ratio=1.0)
+    assert MultiCropEvalTransform is EvalTransform  # the spec's name
+    transform = EvalTransform(crop_size=32, resize_ratio=1.0)
     out = transform(make_image(60, 40))
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     tiny = transform.pixels(make_image(6, 4, mode="L"))
     assert tiny.shape == (3, 32, 32) and tiny.dtype == torch.uint8
     with pytest.raises(ValueError, match="resize_ratio"):
-        MultiCropEvalTransform(resize_ratio=0.0)
+        EvalTransform(resize_ratio=0.0)
