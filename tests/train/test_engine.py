@@ -144,9 +144,10 @@ def test_time_budget_ends_on_the_clock_and_finishes_the_cosine(tmp_path):
                                      "training.log_every=1", "training.warmup_epochs=0.25", "training.min_lr=1e-6"))
     result = train(cfg, progress=False)
     summary = result.metrics
-    assert 4.0 <= summary["train_seconds"] < 4.0 + 10.0, summary["train_seconds"]  # slack for a loaded machine
-    # The clock, not the epoch count (1), ends the run: a 16-image epoch is 1 step.
-    assert summary["epochs_completed"] >= 3 and result.steps >= 3
+    # The clock ends the run, within one step (generous: a loaded 2-core machine can take seconds per step).
+    assert 4.0 <= summary["train_seconds"] < 4.0 + 30.0, summary["train_seconds"]
+    # Not the epoch count (1): a 16-image epoch is 1 step, and the run went on past it.
+    assert summary["epochs_completed"] >= 2 and result.steps >= 2
     assert summary["images_seen"] == result.steps * 16
     assert max(h["lr"] for h in summary["history"] if "lr" in h) <= cfg.training.lr
 
