@@ -169,11 +169,13 @@ def build_multicrop_dataset(
     global_crop_size: int = GLOBAL_CROP_SIZE,
     local_crop_size: int = LOCAL_CROP_SIZE,
     max_samples: int | None = None,
+    seed: int = 0,
     **kwargs,
 ) -> MultiCropDataset | ShardMultiCropDataset:
     """The spec's entry point: a named dataset (or shard URLs) as a multi-crop dataset.
 
-    ``max_samples`` keeps a fixed random subset; ``kwargs`` go to
+    ``max_samples`` keeps a fixed random subset; ``seed`` seeds a shard stream's order and
+    augmentations (map-style data is seeded per batch by the loader's sampler); ``kwargs`` go to
     :func:`build_multicrop_transform` (scales, jitter, adaptive ...). A shard spec as
     ``dataset_name`` or ``data_path`` gives a streaming
     :class:`~hjepa_core.data.shards.ShardMultiCropDataset` (see
@@ -184,7 +186,7 @@ def build_multicrop_dataset(
         return build_shard_multicrop_dataset(
             spec, split, max_samples=max_samples, num_global_crops=num_global_crops,
             num_local_crops=num_local_crops, global_crop_size=global_crop_size,
-            local_crop_size=local_crop_size, **kwargs)
+            local_crop_size=local_crop_size, seed=seed, **kwargs)
     return MultiCropDatasetRaw(
         dataset_name,
         data_path,

@@ -159,6 +159,7 @@ class Trainer:
             data_path=config.data.data_path,
             split="train",
             max_samples=config.data.max_samples,
+            seed=t.seed,
             **dataclasses.asdict(config.crops),
         )
         check_fills_a_step(self.dataset, config, self.dist.world_size)

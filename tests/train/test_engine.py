@@ -15,6 +15,7 @@ from hjepa_core.cli import main as cli_main
 from hjepa_core.config import ConfigError, load_config
 from hjepa_core.tracking import TrackingUnavailableError
 from hjepa_core.train import train
+from hjepa_core.train.engine import Trainer
 from tests.tiny import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,6 +137,13 @@ def test_trains_from_shards(tmp_path):
     result = train(cfg, progress=False)
     assert result.metrics["epochs_completed"] == 0
     assert result.steps == 6 and (tmp_path / "run" / "encoder.pt").is_file()
+    # training.seed reaches the shard stream: another seed streams other samples first.
+    first = {}
+    for seed in (0, 1):
+        seeded = load_config("configs/fashion_mnist.yaml", tiny_overrides(
+            tmp_path / f"seed{seed}", f"data.dataset=shards:{shards}", f"training.seed={seed}", "data.num_workers=0"))
+        first[seed] = next(iter(Trainer(seeded, progress=False).loader)).indices.tolist()
+    assert first[0] != first[1]
 
 
 def test_time_budget_ends_on_the_clock_and_finishes_the_cosine(tmp_path):
