@@ -46,6 +46,31 @@ def vicreg_loss(a: Tensor, b: Tensor, inv: float = 25.0, var: float = 25.0, cov:
     return inv * invariance + var * (var_a + var_b) / 2 + cov * (cov_a + cov_b)
 
 
+def sigreg_loss(z: Tensor, num_slices: int = 256, t_max: float = 3.0, num_knots: int = 17) -> Tensor:
+    """SIGReg (LeJEPA, Balestriero & LeCun, 2025): pulls (N, D) embeddings towards an isotropic
+    standard Gaussian, the distribution the paper shows minimises downstream risk.
+
+    The embeddings are projected on ``num_slices`` random unit directions (fresh every call,
+    from the global RNG the engine seeds per step); each 1-D projection is scored by the
+    Epps-Pulley statistic: the squared distance between its empirical characteristic function
+    and the standard normal's, ``exp(-t^2 / 2)``, integrated over ``t`` in ``[-t_max, t_max]``
+    with the same Gaussian as weight (trapezoid rule on ``num_knots`` points of ``[0, t_max]``:
+    the integrand is even). Scaled by N, as the statistic is; the loss is its mean over slices.
+    One view suffices, and its cost is one (N, D) x (D, slices) product.
+    """
+    z = z.float()
+    directions = torch.randn(z.shape[1], num_slices, device=z.device)
+    projected = z @ (directions / directions.norm(dim=0, keepdim=True))  # (N, slices)
+    t = torch.linspace(0.0, t_max, num_knots, device=z.device)
+    gaussian = torch.exp(-0.5 * t**2)
+    trapezoid = torch.full_like(t, t_max / (num_knots - 1))
+    trapezoid[[0, -1]] /= 2
+    angles = projected.unsqueeze(-1) * t  # (N, slices, knots)
+    gap = (angles.cos().mean(0) - gaussian) ** 2 + angles.sin().mean(0) ** 2
+    statistic = (gap * (2 * trapezoid * gaussian)).sum(-1) * z.shape[0]
+    return statistic.mean()
+
+
 @torch.no_grad()
 def collapse_statistics(embeddings: Tensor) -> dict[str, Tensor]:
     """Per-dimension std (of L2-normalised embeddings) and effective rank (Roy & Vetterli, 2007),

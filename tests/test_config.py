@@ -59,6 +59,7 @@ def test_overrides_are_typed():
         ("loss.collapse_every=0", "loss.collapse_every must be >= 1"),
         ("loss.local_level_weight=-1", "loss.local_level_weight must be a finite number >= 0"),
         ("loss.image_weight=nan", "loss.image_weight must be a finite number >= 0"),
+        ("loss.sigreg_weight=-0.1", "loss.sigreg_weight must be a finite number >= 0"),
         ("data.multicrop.global_crop_scale=[1.0,0.4]", "data.multicrop.global_crop_scale=[1.0, 0.4] must be"),
         ("data.multicrop.local_crop_scale=[0.0,0.4]", "0 < low <= high <= 1"),
         ("data.multicrop.local_crop_scale=[0.1,1.5]", "0 < low <= high <= 1"),

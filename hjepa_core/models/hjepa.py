@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hjepa_core.data.multicrop_dataset import MultiCropBatch
-from hjepa_core.losses import prediction_loss, vicreg_loss
+from hjepa_core.losses import prediction_loss, sigreg_loss, vicreg_loss
 from hjepa_core.masks.multicrop_masking import LOCAL_CONTEXT, LOCAL_TARGET, LOCAL_UNMASKED
 from hjepa_core.models.predictor import HierarchicalPredictor, source_positions
 from hjepa_core.models.vit import VisionTransformer, build_encoder
@@ -93,6 +93,8 @@ class HJEPA(nn.Module):
         image_weight: weight of the image-level prediction from the global crops' contexts (each
             context predicts every global view's image-level target: cross-view when n_g >= 2).
         vicreg_weight: weight of VICReg on pooled context embeddings of two global views.
+        sigreg_weight: weight of SIGReg (LeJEPA) on the pooled context embeddings of every
+            global crop: an anti-collapse term that needs no second view.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class HJEPA(nn.Module):
         local_level_weight: float = 0.0,
         image_weight: float = 1.0,
         vicreg_weight: float = 0.0,
+        sigreg_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -117,6 +120,7 @@ class HJEPA(nn.Module):
         self.local_level_weight = local_level_weight
         self.image_weight = image_weight
         self.vicreg_weight = vicreg_weight
+        self.sigreg_weight = sigreg_weight
 
     def train(self, mode: bool = True) -> HJEPA:
         super().train(mode)
@@ -225,6 +229,9 @@ class HJEPA(nn.Module):
             pooled = context.float().mean(dim=1)
             parts["loss/vicreg"] = vicreg_loss(pooled[:b], pooled[b:2 * b])
             total = total + self.vicreg_weight * parts["loss/vicreg"]
+        if self.sigreg_weight > 0:
+            parts["loss/sigreg"] = sigreg_loss(context.float().mean(dim=1))
+            total = total + self.sigreg_weight * parts["loss/sigreg"]
         parts = {name: value.detach() for name, value in parts.items()}
         pooled_targets = target_tokens.float().mean(dim=1)
         return HJEPAOutput(total, parts, pooled_targets)
@@ -297,4 +304,5 @@ def build_hjepa(config) -> HJEPA:
         local_level_weight=config.loss.local_level_weight,
         image_weight=config.loss.image_weight,
         vicreg_weight=config.loss.vicreg_weight,
+        sigreg_weight=config.loss.sigreg_weight,
     )
