@@ -109,17 +109,19 @@ def test_local_crops_are_encoded_from_their_kept_patches_only():
     model = build_hjepa(cfg).eval()
     batch = first_batch(cfg)
     keep = batch.masks.local_keep
-    assert keep.shape[1] == 8  # a 16 px local crop at patch 4 has 16 patches; half are kept
+    patch = cfg.model.patch_size
+    side = cfg.crops.local_crop_size // patch
+    assert keep.shape[1] == round(side * side * 0.5)  # half of the local crop's patches are kept
     base = model(batch).parts["loss/local"]
     assert torch.isfinite(base)
-    dropped = sorted(set(range(16)) - set(keep[0].tolist()))
+    dropped = sorted(set(range(side * side)) - set(keep[0].tolist()))
 
-    def perturbed(patch: int) -> float:
+    def perturbed(index: int) -> float:
         changed = copy.copy(batch)
         n_g = batch.num_global_crops
         crop = batch.crops[n_g].clone()  # first local crop; row 0 of local_keep is its first image
-        row, col = divmod(patch, 4)
-        crop[0, :, row * 4:(row + 1) * 4, col * 4:(col + 1) * 4] += 3.0
+        row, col = divmod(index, side)
+        crop[0, :, row * patch:(row + 1) * patch, col * patch:(col + 1) * patch] += 3.0
         changed.crops = [*batch.crops[:n_g], crop, *batch.crops[n_g + 1:]]
         return model(changed).parts["loss/local"]
 
@@ -153,6 +155,23 @@ def test_local_level_prediction_uses_the_global_level_targets():
     model.local_level_weight = 0.0
     assert "loss/local_levels" not in model(batch).parts
     assert not torch.allclose(with_levels, encoder_grad(model, batch))
+
+
+def test_sigreg_term_regularises_the_context_encoder():
+    """``loss.sigreg_weight``: SIGReg on the pooled context embeddings is a loss part and changes
+    the encoder's gradient; 0 leaves it out."""
+    cfg = tiny_config("global_only", "loss.sigreg_weight=0.5")
+    torch.manual_seed(0)
+    model = build_hjepa(cfg)
+    batch = first_batch(cfg)
+    torch.manual_seed(1)
+    assert torch.isfinite(model(batch).parts["loss/sigreg"])
+    torch.manual_seed(1)
+    with_sigreg = encoder_grad(model, batch)
+    model.sigreg_weight = 0.0
+    assert "loss/sigreg" not in model(batch).parts
+    torch.manual_seed(1)
+    assert not torch.allclose(with_sigreg, encoder_grad(model, batch))
 
 
 @pytest.mark.parametrize("strategy", MASKING_STRATEGIES)
