@@ -5,7 +5,8 @@ the full image, predictor on context + target-block queries, smooth-L1 loss) + b
 AdamW step + EMA update of the target encoder. No grad clipping, no AMP, fp32.
 
 * ours: ``build_hjepa`` from ``load_config`` with ``data.use_multicrop=false`` (one global
-  crop, no local crops), ``masking.num_hierarchies=1`` and ``loss.hierarchy_weights=[1.0]``,
+  crop, no local crops), ``masking.num_hierarchies=1``, ``loss.hierarchy_weights=[1.0]`` and
+  ``loss.image_weight=0`` (no image-level query),
   so the model is plain I-JEPA; AdamW from ``hjepa_core.train.optim`` and
   ``HJEPA.update_target``.
 * lightly: ``IJEPABackbone`` (torchvision ViT, class token, learned position embedding) as
@@ -87,6 +88,7 @@ def build_ours(s: dict):
         "loss.hierarchy_weights=[1.0]",
         "loss.type=smooth_l1",
         "loss.vicreg_weight=0.0",
+        "loss.image_weight=0.0",  # plain I-JEPA: no image-level query, as lightly has none
         f"masking.num_target_masks={m['num_target_blocks']}",
         f"masking.base_scale={m['target_scale']}",
         f"masking.aspect_ratio_range={m['target_aspect_ratio']}",
@@ -267,8 +269,8 @@ def markdown(r: dict) -> str:
         f"first batch: {me['context_tokens']} context tokens, {me['blocks']} x {me['target_tokens_per_block']} "
         "target tokens per image",
         "- ours: `load_config` with `data.use_multicrop=false`, `masking.num_hierarchies=1`, "
-        "`loss.hierarchy_weights=[1.0]`, `model.encoder=custom`; `build_hjepa`; predictor runs the "
-        "context plus all target blocks' queries in one sequence per image",
+        "`loss.hierarchy_weights=[1.0]`, `loss.image_weight=0`, `model.encoder=custom`; `build_hjepa`; "
+        "predictor runs the context plus all target blocks' queries in one sequence per image",
         "- lightly: forward of lightly's I-JEPA example; the predictor repeats the context once per "
         "target block (batch x blocks sequences of context + one block)",
         f"- loss: {s['loss']}; optimizer: {s['optimizer']}; EMA momentum {s['ema_momentum']} "
