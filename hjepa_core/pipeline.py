@@ -247,12 +247,10 @@ def pretrain_stage(
     Raises:
         RuntimeError: the run was pre-empted (the checkpoint is saved; a retry resumes) or torchrun failed.
     """
-    if work_dir is not None:
-        return _pretrain(config_path, overrides, shards_dir, Path(work_dir), Path(model_dir), tracking, gpus,
-                         kept=True)
-    with tempfile.TemporaryDirectory(prefix="hjepa-pretrain-") as scratch:
-        return _pretrain(config_path, overrides, shards_dir, Path(scratch), Path(model_dir), tracking, gpus,
-                         kept=False)
+    kept = work_dir is not None
+    scratch = contextlib.nullcontext(str(work_dir)) if kept else tempfile.TemporaryDirectory(prefix="hjepa-pretrain-")
+    with scratch as folder:
+        return _pretrain(config_path, overrides, shards_dir, Path(folder), Path(model_dir), tracking, gpus, kept=kept)
 
 
 def _pretrain(

@@ -225,12 +225,12 @@ class HJEPA(nn.Module):
         if local_tokens is not None and local_positions is not None:
             total = total + self._local_loss(local_tokens, local_positions, queries[:levels], answers[:levels],
                                              valid[:levels], image_queries, image_targets, n_g, b, parts)
-        if self.vicreg_weight > 0 and n_g >= 2:
-            pooled = context.float().mean(dim=1)
-            parts["loss/vicreg"] = vicreg_loss(pooled[:b], pooled[b:2 * b])
+        pooled_context = context.float().mean(dim=1) if self.vicreg_weight > 0 or self.sigreg_weight > 0 else None
+        if pooled_context is not None and self.vicreg_weight > 0 and n_g >= 2:
+            parts["loss/vicreg"] = vicreg_loss(pooled_context[:b], pooled_context[b:2 * b])
             total = total + self.vicreg_weight * parts["loss/vicreg"]
-        if self.sigreg_weight > 0:
-            parts["loss/sigreg"] = sigreg_loss(context.float().mean(dim=1))
+        if pooled_context is not None and self.sigreg_weight > 0:
+            parts["loss/sigreg"] = sigreg_loss(pooled_context)
             total = total + self.sigreg_weight * parts["loss/sigreg"]
         parts = {name: value.detach() for name, value in parts.items()}
         pooled_targets = target_tokens.float().mean(dim=1)
