@@ -168,7 +168,7 @@ class MlflowTracker(NullTracker):
 
 
 class BestEffortTracker(NullTracker):
-    """Forwards to a started tracker without ever blocking or failing the caller (training).
+    """Forwards to a started tracker without ever blocking or failing the caller (training, evaluation).
 
     Each call runs in a daemon thread and is given up after ``timeout`` seconds (uploads:
     ``10 x timeout``); an error or a timeout is one warning, and the calls after it are skipped,
@@ -225,7 +225,7 @@ class BestEffortTracker(NullTracker):
         reason = f"no answer in {limit:g} s" if thread.is_alive() else f"{type(errors[0]).__name__}: {errors[0]}"
         reason = " ".join(reason.split())[:300]
         where = redact_url(resolve_tracking_uri(self.uri) or "MLflow")
-        warnings.warn(f"MLflow {name} failed ({reason}); training goes on and skips MLflow calls until {where} "
+        warnings.warn(f"MLflow {name} failed ({reason}); the run goes on and skips MLflow calls until {where} "
                       f"answers again (asked every {self.retry_every:g} s); its files are written locally",
                       stacklevel=3)
 

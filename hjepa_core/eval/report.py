@@ -250,7 +250,7 @@ def _find_pretrain_run(experiment: str, output_dir: str, tracking_uri: str | Non
 
 def _start_tracking(settings: EvalSettings, loaded: LoadedEncoder, dataset: str) -> tuple[Any, str | None]:
     """An MLflow run for the evaluation (or None when tracking is off) and its parent run id."""
-    from hjepa_core.tracking import MlflowTracker
+    from hjepa_core.tracking import BestEffortTracker, MlflowTracker
 
     cfg = loaded.config.tracking
     if not (settings.tracking if settings.tracking is not None else cfg.enabled):
@@ -271,7 +271,8 @@ def _start_tracking(settings: EvalSettings, loaded: LoadedEncoder, dataset: str)
     if parent:
         tags["hjepa.pretrain_run_id"] = parent
     run_name = f"eval-{Path(loaded.config.training.output_dir).name or loaded.path.stem}"
-    return MlflowTracker(experiment, run_name=run_name, tracking_uri=uri, parent_run_id=parent, tags=tags), parent
+    tracker = MlflowTracker(experiment, run_name=run_name, tracking_uri=uri, parent_run_id=parent, tags=tags)
+    return BestEffortTracker(tracker, uri, timeout=cfg.timeout_s), parent
 
 
 def evaluate(

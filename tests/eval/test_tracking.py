@@ -119,3 +119,34 @@ def test_tracking_uri_credentials_are_never_stored(mlflow_server, tmp_path, monk
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # ... or takes MLFLOW_TRACKING_URI's
     again = evaluate(result.encoder_path, fast_settings(tmp_path, tracking=True, baselines=False))
     assert client.get_run(again["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_evaluation_outlives_its_mlflow_server(tmp_path, monkeypatch, fashion_mnist_train):
+    """The server dies after the evaluation run started: the report is still written, with one
+    warning, in bounded time (MLflow's own retries would stall each call for minutes)."""
+    import signal
+    import time
+
+    import hjepa_core.eval.report as report_module
+    from tests.conftest import start_mlflow_server, stop_mlflow_server
+
+    encoder = train_tiny(tmp_path / "train", "tracking.timeout_s=3").encoder_path
+    (tmp_path / "server").mkdir()
+    uri, server = start_mlflow_server(tmp_path / "server")
+    evaluate_features = report_module._run
+
+    def server_dies_first(*args, **kwargs):
+        stop_mlflow_server(server, signal.SIGKILL)
+        return evaluate_features(*args, **kwargs)
+
+    monkeypatch.setattr(report_module, "_run", server_dies_first)
+    try:
+        started = time.monotonic()
+        with pytest.warns(UserWarning, match=r"MLflow \w+ failed .*; the run goes on and skips MLflow calls"):
+            report = evaluate(encoder, fast_settings(tmp_path, tracking=True, tracking_uri=uri,
+                                                     experiment="dies-mid-eval", registered_model_name=""))
+        elapsed = time.monotonic() - started
+    finally:
+        stop_mlflow_server(server, signal.SIGKILL)
+    assert (tmp_path / "eval" / "eval.json").is_file() and "probe_top1" in report["metrics"]
+    assert elapsed < 120, elapsed  # one 3 s timeout, then calls are skipped (a loaded machine: slack)
