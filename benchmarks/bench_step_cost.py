@@ -2,8 +2,8 @@
 
 Every variant is the real model, optimizer and loader of ``--config`` with its overrides: a few
 batches are drawn from its own multi-crop loader up front (photometric work done, as the CPU
-engine does), then one training step (forward, backward, grad clip, fused AdamW, EMA update) is
-timed for each variant in turn, interleaved and in alternating order, so load changes on the
+engine does), then one training step (forward under the config's autocast, backward, grad clip,
+fused AdamW, EMA update) is timed for each variant in turn, interleaved and in alternating order, so load changes on the
 machine hit every variant alike. The cost is the median step time over the median single-crop
 step time (the same batch size, so also the cost per image). The quality benchmark uses it to
 give multi-crop variants the same compute as single-crop (``run_quality.py --budget_unit steps``).
@@ -30,6 +30,7 @@ import torch
 from hjepa_core.config import load_config
 from hjepa_core.data.multicrop_dataset import MultiCropBatch, build_multicrop_dataloader, build_multicrop_dataset
 from hjepa_core.models import build_hjepa
+from hjepa_core.train.engine import autocast_dtype
 from hjepa_core.train.optim import build_optimizer, set_schedule
 from hjepa_core.utils import atomic_write_text
 
@@ -62,12 +63,14 @@ class Variant:
         self.model = build_hjepa(self.config).train()
         self.optimizer = build_optimizer(self.model, t.lr)
         set_schedule(self.optimizer, t.lr, t.weight_decay)
+        self.amp_dtype = autocast_dtype(t.precision, torch.device("cpu"))
         self.times: list[float] = []
 
     def step(self, i: int) -> float:
         batch = self.batches[i % len(self.batches)]
         start = time.perf_counter()
-        loss = self.model(batch).loss
+        with torch.autocast("cpu", dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            loss = self.model(batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.training.grad_clip or float("inf"))
         self.optimizer.step()
