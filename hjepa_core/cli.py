@@ -20,7 +20,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--params", help="a DVC params file (params.yaml) whose config sections (data, masking, "
                    "model, ...) are layered over --config; its other sections are ignored")
     p.add_argument("--batch_size", type=int, help="= training.batch_size")
-    p.add_argument("--epochs", type=int, help="= training.epochs")
+    p.add_argument("--epochs", type=int, help="= training.epochs on an epoch schedule (training.time_budget_s=null, "
+                   "unless a key=value sets it)")
     p.add_argument("--lr", type=float, help="= training.lr")
     p.add_argument("--output_dir", help="= training.output_dir")
     p.add_argument("--resume", nargs="?", const="auto",
@@ -33,11 +34,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from hjepa_core.config import load_config
+    from hjepa_core.config import EPOCH_SCHEDULE, load_config
     from hjepa_core.eval.knn_monitor import epoch_monitor
     from hjepa_core.train import train
 
-    overrides = list(args.overrides)
+    overrides = [EPOCH_SCHEDULE] if args.epochs is not None else []
+    overrides += args.overrides
     for flag, key in (("batch_size", "training.batch_size"), ("epochs", "training.epochs"),
                       ("lr", "training.lr"), ("output_dir", "training.output_dir")):
         if getattr(args, flag) is not None:

@@ -216,8 +216,12 @@ def pipeline_overrides(
     overrides: list[str] | None = None, *, epochs: int = 0, strategy: str = "", global_crop_size: int = 0,
     local_crop_size: int = 0, num_local_crops: int = -1,
 ) -> list[str]:
-    """Config overrides from the pipeline's parameters (0 / -1 / empty: keep the config's value)."""
-    result = list(overrides or [])
+    """Config overrides from the pipeline's parameters (0 / -1 / empty: keep the config's value;
+    an epoch count means an epoch schedule)."""
+    from hjepa_core.config import EPOCH_SCHEDULE
+
+    result = [EPOCH_SCHEDULE] if epochs else []
+    result += overrides or []
     for key, value, unset in (("training.epochs", epochs, 0), ("masking.strategy", strategy, ""),
                               ("data.multicrop.global_crop_size", global_crop_size, 0),
                               ("data.multicrop.local_crop_size", local_crop_size, 0),

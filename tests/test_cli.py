@@ -196,3 +196,23 @@ def test_second_run_on_one_output_dir_fails_at_once(tmp_path, capsys) -> None:
     finally:
         child.stdin.close()
         child.wait(timeout=30)
+
+
+def test_epochs_flag_means_an_epoch_schedule(tmp_path) -> None:
+    """The default config trains for a time budget; ``--epochs N`` trains N epochs instead (an
+    explicit ``training.time_budget_s`` still wins)."""
+    import yaml
+
+    from hjepa_core.cli import main
+    from hjepa_core.config import load_config
+    from tests.tiny import TINY_OVERRIDES
+
+    assert load_config("configs/fashion_mnist.yaml").training.time_budget_s is not None
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith("training.time_budget_s")]
+    args = ["train", "--config", "configs/fashion_mnist.yaml", "--no-progress", "data.max_samples=32", *tiny]
+    assert main([*args, "--epochs", "2", f"--output_dir={tmp_path / 'epochs'}"]) == 0
+    saved = yaml.safe_load((tmp_path / "epochs" / "config.yaml").read_text())["training"]
+    assert saved["time_budget_s"] is None and saved["epochs"] == 2
+    assert main([*args, "--epochs", "2", "training.time_budget_s=1", "training.max_steps=1",
+                 f"--output_dir={tmp_path / 'budget'}"]) == 0
+    assert yaml.safe_load((tmp_path / "budget" / "config.yaml").read_text())["training"]["time_budget_s"] == 1

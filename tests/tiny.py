@@ -11,6 +11,7 @@ TINY_OVERRIDES = [
     "model.predictor_num_heads=2",
     "training.batch_size=16",
     "training.log_every=2",
+    "training.time_budget_s=null",  # an epoch schedule (the config trains for a time budget)
     "tracking.enabled=false",
 ]
 

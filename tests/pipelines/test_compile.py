@@ -142,8 +142,11 @@ def test_no_secret_values_in_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_overrides_and_torchrun_command() -> None:
     assert pipeline_overrides(["a=1"], epochs=3, strategy="cross_crop_prediction", local_crop_size=48) == [
-        "a=1", "training.epochs=3", "masking.strategy=cross_crop_prediction", "data.multicrop.local_crop_size=48"]
+        "training.time_budget_s=null", "a=1", "training.epochs=3", "masking.strategy=cross_crop_prediction",
+        "data.multicrop.local_crop_size=48"]
     assert pipeline_overrides(None) == []
+    assert pipeline_overrides(["training.time_budget_s=60"], epochs=2)[:2] == [  # an explicit budget still wins
+        "training.time_budget_s=null", "training.time_budget_s=60"]
     cmd = train_command("/w/config.yaml", 4)
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"]
     assert "--nproc_per_node=4" in cmd and cmd[-4:] == ["/w/config.yaml", "--resume", "auto", "--no-progress"]
