@@ -25,7 +25,8 @@ indices into the predictor's position table are not.
 
 Timing: ``torch.set_num_threads`` (default 2), a few warm-up steps each, then N timed steps
 interleaved ours/lightly (order alternating), median per library; phases (forward, backward,
-optimizer, EMA) are timed too.
+optimizer, EMA) are timed too. Model FLOPs of forward + backward are counted for both
+(``torch.utils.flop_counter``), so the speed ratio splits into less work and speed per FLOP.
 
     python benchmarks/bench_train_step.py                 # writes benchmarks/results/train_step.{json,md}
     python benchmarks/bench_train_step.py --steps 2 --warmup 1 --out /tmp/bench   # quick check
@@ -44,6 +45,7 @@ from pathlib import Path
 
 import torch
 from quality.lightly_ijepa import LightlyIJEPA  # benchmarks/quality/, shared with the quality benchmark
+from torch.utils.flop_counter import FlopCounterMode
 
 from hjepa_core.config import load_config
 from hjepa_core.data.multicrop_dataset import MultiCropBatch
@@ -132,12 +134,24 @@ def run(args: argparse.Namespace) -> dict:
     images = [torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(i)) for i in range(total)]
     box = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(1, b, 4).contiguous()
 
-    def ours_step(i: int) -> dict[str, float]:
-        batch = MultiCropBatch(
+    def ours_batch(i: int) -> MultiCropBatch:
+        return MultiCropBatch(
             crops=[images[i]], labels=torch.zeros(b, dtype=torch.long), boxes=box,
             flips=torch.zeros(1, b, dtype=torch.bool), indices=torch.arange(b),
             num_global_crops=1, masks=mask_sets[i],
         )
+
+    def lightly_masks(i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        gm = mask_sets[i].global_masks[0]
+        return [gm.context], list(gm.targets[0].unbind(1))  # (B, M, T) -> M x (B, T)
+
+    losses: dict[str, Callable[[int], torch.Tensor]] = {
+        "ours": lambda i: ours(ours_batch(i)).loss,
+        "lightly": lambda i: lightly_model(images[i], *lightly_masks(i)),
+    }
+
+    def ours_step(i: int) -> dict[str, float]:
+        batch = ours_batch(i)
         t0 = time.perf_counter()
         loss = ours(batch).loss
         t1 = time.perf_counter()
@@ -151,9 +165,7 @@ def run(args: argparse.Namespace) -> dict:
         return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "ema": t4 - t3, "total": t4 - t0}
 
     def lightly_step(i: int) -> dict[str, float]:
-        gm = mask_sets[i].global_masks[0]
-        masks_enc = [gm.context]
-        masks_pred = list(gm.targets[0].unbind(1))  # (B, M, T) -> M x (B, T)
+        masks_enc, masks_pred = lightly_masks(i)
         t0 = time.perf_counter()
         loss = lightly_model(images[i], masks_enc, masks_pred)
         t1 = time.perf_counter()
@@ -167,6 +179,16 @@ def run(args: argparse.Namespace) -> dict:
         return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "ema": t4 - t3, "total": t4 - t0}
 
     steps: dict[str, Callable[[int], dict[str, float]]] = {"ours": ours_step, "lightly": lightly_step}
+    # Model FLOPs of forward + backward, counted over the warm-up steps' masks (the padding of our
+    # fixed-size target blocks counts as work): how much of the speed ratio is less work.
+    flops = {}
+    for name, loss_of in losses.items():
+        with FlopCounterMode(display=False) as counter:
+            for i in range(args.warmup):
+                loss_of(i).backward()
+        flops[name] = counter.get_total_flops() / max(args.warmup, 1)
+    for optimizer in (ours_opt, lightly_opt):
+        optimizer.zero_grad(set_to_none=True)
     for i in range(args.warmup):
         for fn in steps.values():
             fn(i)
@@ -191,6 +213,7 @@ def run(args: argparse.Namespace) -> dict:
             "step_s_max": max(totals),
             "phase_s_median": phases,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "gflops_per_step": flops[name] / 1e9,
             "steps_s": totals,
         }
     return {
@@ -208,6 +231,7 @@ def run(args: argparse.Namespace) -> dict:
             lt / ot for ot, lt in zip(results["ours"]["steps_s"], results["lightly"]["steps_s"], strict=True)
         ]),
         "ratio_best_steps": results["lightly"]["step_s_min"] / results["ours"]["step_s_min"],
+        "flops_ratio_lightly_over_ours": flops["lightly"] / flops["ours"],
         "loadavg_before": list(load_before),
         "loadavg_after": list(load_after),
         "machine": {
@@ -232,8 +256,8 @@ def markdown(r: dict) -> str:
         f"`torch.set_num_threads({s['threads']})`, fp32, no grad clipping.",
         "",
         "| model | images/s (median step) | images/s (best step) | step (s, median) | min / max (s) "
-        "| forward | backward | AdamW | EMA | trainable params |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| forward | backward | AdamW | EMA | GFLOP fwd+bwd | trainable params |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, label in (("ours", "ours (HJEPA, 1 level, single crop)"), ("lightly", "lightly I-JEPA modules")):
         x, ph = res[name], res[name]["phase_s_median"]
@@ -241,12 +265,16 @@ def markdown(r: dict) -> str:
             f"| {label} | {x['images_per_s']:.1f} | {s['batch_size'] / x['step_s_min']:.1f} | "
             f"{x['step_s_median']:.3f} | "
             f"{x['step_s_min']:.3f} / {x['step_s_max']:.3f} | {ph['forward']:.3f} | {ph['backward']:.3f} | "
-            f"{ph['optimizer']:.3f} | {ph['ema']:.4f} | {x['trainable_params']:,} |"
+            f"{ph['optimizer']:.3f} | {ph['ema']:.4f} | {x['gflops_per_step']:.1f} | {x['trainable_params']:,} |"
         )
     lines += [
         "",
         f"**ratio ours / lightly (images/s, median steps): {r['ratio_ours_over_lightly']:.2f}x**; "
         f"median of per-pair ratios: {r['ratio_median_of_pairs']:.2f}x; best steps: {r['ratio_best_steps']:.2f}x",
+        "",
+        f"Model FLOPs per step (forward + backward, `torch.utils.flop_counter`): lightly does "
+        f"{r['flops_ratio_lightly_over_ours']:.2f}x ours, so {r['flops_ratio_lightly_over_ours']:.2f}x of the "
+        "speed ratio is less work and the rest is speed per FLOP.",
         "",
         "Phase columns are medians in seconds (forward, backward, AdamW step + zero_grad, EMA).",
         "",
