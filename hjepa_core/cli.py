@@ -34,7 +34,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from hjepa_core.config import EPOCH_SCHEDULE, load_config
+    from hjepa_core.config import load_config
+    from hjepa_core.constants import EPOCH_SCHEDULE
     from hjepa_core.eval.knn_monitor import epoch_monitor
     from hjepa_core.train import train
 

@@ -46,11 +46,6 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the key and how to fix it."""
 
 
-EPOCH_SCHEDULE = "training.time_budget_s=null"
-"""Goes before the user's overrides wherever a front door is given an epoch count: asking for
-epochs means an epoch schedule, also over a config that trains for a time budget."""
-
-
 # The schema is read by OmegaConf 2.3 (OmegaConf.structured), which takes these annotations as
 # written: `X | None` is an optional node, list[float] and dict[str, str] typed containers.
 # tuple[float, float] becomes a list of floats of any length: _to_config checks the length and

@@ -23,3 +23,7 @@ GLOBAL_CROP_SIZE = 224
 LOCAL_CROP_SIZE = 96
 GLOBAL_CROP_SCALE = (0.4, 1.0)
 LOCAL_CROP_SCALE = (0.05, 0.4)
+
+EPOCH_SCHEDULE = "training.time_budget_s=null"
+"""Goes before the user's overrides wherever a front door is given an epoch count: asking for
+epochs means an epoch schedule, also over a config that trains for a time budget."""

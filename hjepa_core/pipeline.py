@@ -218,7 +218,7 @@ def pipeline_overrides(
 ) -> list[str]:
     """Config overrides from the pipeline's parameters (0 / -1 / empty: keep the config's value;
     an epoch count means an epoch schedule)."""
-    from hjepa_core.config import EPOCH_SCHEDULE
+    from hjepa_core.constants import EPOCH_SCHEDULE
 
     result = [EPOCH_SCHEDULE] if epochs else []
     result += overrides or []
