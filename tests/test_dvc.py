@@ -112,16 +112,17 @@ def test_dvc_repro_noop_and_partial_rerun(tmp_path: Path) -> None:
     assert _stages_run(second) == set() and "Data and pipelines are up to date" in second
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["pretrain"]["lr"] = 0.002
+    new_lr = params["pretrain"]["lr"] / 2  # a change of the tracked value, whatever the default is
+    params["pretrain"]["lr"] = new_lr
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     assert "pretrain" in _run([str(DVC), "status"], repo, env)
     third = _run([str(DVC), "repro"], repo, env)
     assert _stages_run(third) == {"pretrain", "evaluate"}
     diff = json.loads(_run([str(DVC), "params", "diff", "--json"], repo, env))
-    assert diff["params.yaml"]["pretrain.lr"]["new"] == 0.002
+    assert diff["params.yaml"]["pretrain.lr"]["new"] == new_lr
 
     _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "lr 0.002"], repo, env)
+    _run(["git", "commit", "-qm", "halve lr"], repo, env)
     # an edit to evaluation code reruns evaluate, not training
     report = repo / "hjepa_core/eval/report.py"
     original = report.read_text()
