@@ -6,8 +6,9 @@ import argparse
 import copy
 import re
 import sys
+import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -357,11 +358,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     code when it runs, so ``hjepa --help`` answers at once.
     """
     args = parse_args(argv)
+    warnings.formatwarning = _one_line_warning(args.command)
     try:
         return int(args.func(args) or 0)
     except _user_errors() as exc:
         print(f"hjepa {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _one_line_warning(command: str) -> Callable[..., str]:
+    """Warnings print as one line, as errors do (``hjepa train: warning: ...``): their messages
+    name the file and what was skipped, and Python's default adds the warning's source line."""
+
+    def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                       line: str | None = None) -> str:
+        return f"hjepa {command}: warning: {message}\n"
+
+    return format_warning
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

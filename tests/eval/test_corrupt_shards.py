@@ -3,6 +3,8 @@ many samples were lost and where (eval.json, report.md, metrics, MLflow, the log
 evaluation fails in one line naming the shards."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -62,3 +64,18 @@ def test_evaluate_fails_beyond_the_policy_in_one_line(damaged, tiny_checkpoint, 
     assert err[-1].startswith(f"hjepa evaluate: error: test data: 4 corrupt shard(s) {damaged}/test-000000.tar")
     assert f"{LOST} of 256 samples (54.7%) lost, {rule}; re-run `hjepa shard`" in err[-1]
     assert not (tmp_path / "eval" / "eval.json").exists()
+
+
+def test_evaluate_warns_in_one_line_per_loss(damaged, tiny_checkpoint, tmp_path):
+    """Within the policy the CLI's warning is one line, as its errors are (a real process: pytest
+    records warnings in-process instead of printing them)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "hjepa_core.cli", "evaluate", "--checkpoint", str(tiny_checkpoint),
+         "--dataset", f"shards:{damaged}", "--no-baselines", "--probe_epochs", "1", "--no-tracking", "--no-cache",
+         "--no-progress", "--max_train_samples", "64", "--output_dir", str(tmp_path / "eval"),
+         "--max_corrupt_fraction", "0.6"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "corrupt shard(s)" in line]
+    assert warned and all(line.startswith("hjepa evaluate: warning: test data: ") for line in warned)
+    assert "yield from" not in result.stderr and "UserWarning" not in result.stderr
