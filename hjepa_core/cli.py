@@ -85,7 +85,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache_dir", help="feature cache (default: $HJEPA_CACHE/features)")
     p.add_argument("--no-cache", action="store_true", help="always re-extract features")
     p.add_argument("--output_dir", help="report folder (default: <checkpoint dir>/eval)")
-    p.add_argument("--tracking", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--tracking", action=_BooleanFlag, default=None,
                    help="log to MLflow (default: as the checkpoint config's tracking.enabled)")
     p.add_argument("--tracking_uri", help="MLflow URI (default: config / MLFLOW_TRACKING_URI)")
     p.add_argument("--experiment", help="MLflow experiment (default: the pretraining run's)")
@@ -275,6 +275,16 @@ def _add_plugins(sub: argparse._SubParsersAction) -> None:
                   f"{type(exc).__name__}: {exc}", file=sys.stderr)
             continue
         register(sub)
+
+
+class _BooleanFlag(argparse.BooleanOptionalAction):
+    """``--flag`` / ``--no_flag``: argparse reads "no" only from the hyphen spelling ``--no-flag``,
+    so without this the underscore one (added by :func:`_one_flag_style`) would mean True."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: str | Sequence[object] | None,
+                 option_string: str | None = None) -> None:
+        hyphenated = None if option_string is None else "--" + option_string[2:].replace("_", "-")
+        super().__call__(parser, namespace, values, hyphenated)
 
 
 def _spellings(option: str) -> list[str]:

@@ -55,6 +55,9 @@ def test_flags_take_the_underscore_and_the_hyphen_spelling() -> None:
     assert (train.batch_size, train.output_dir) == (8, "o")
     usage = parser._subparsers._group_actions[0].choices["shard"].format_usage()
     assert "--data_path" in usage and "--data-path" not in usage
+    tracking = {flag: parser.parse_args(["evaluate", "--checkpoint", "c", flag]).tracking
+                for flag in ("--tracking", "--no_tracking", "--no-tracking")}
+    assert tracking == {"--tracking": True, "--no_tracking": False, "--no-tracking": False}
 
 
 def test_overrides_stand_anywhere_and_resume_never_takes_one() -> None:
