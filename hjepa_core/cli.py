@@ -281,8 +281,8 @@ class _BooleanFlag(argparse.BooleanOptionalAction):
     """``--flag`` / ``--no_flag``: argparse reads "no" only from the hyphen spelling ``--no-flag``,
     so without this the underscore one (added by :func:`_one_flag_style`) would mean True."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: str | Sequence[object] | None,
-                 option_string: str | None = None) -> None:
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[object] | None, option_string: str | None = None) -> None:
         hyphenated = None if option_string is None else "--" + option_string[2:].replace("_", "-")
         super().__call__(parser, namespace, values, hyphenated)
 
