@@ -3,13 +3,15 @@
 Every variant is the real model, optimizer and loader of ``--config`` with its overrides: a few
 batches are drawn from its own multi-crop loader up front (photometric work done, as the CPU
 engine does), then one training step (forward under the config's autocast, backward, grad clip,
-fused AdamW, EMA update) is timed for each variant in turn, interleaved and in alternating order, so load changes on the
+fused AdamW, EMA update; ``training.compile=true`` compiles the modules as the engine does) is
+timed for each variant in turn, interleaved and in alternating order, so load changes on the
 machine hit every variant alike. The cost is the median step time over the median single-crop
 step time (the same batch size, so also the cost per image). The quality benchmark uses it to
 give multi-crop variants the same compute as single-crop (``run_quality.py --budget_unit steps``).
 
     python benchmarks/bench_step_cost.py                       # the CLI's strategies vs single-crop
     python benchmarks/bench_step_cost.py --variant "small_locals=data.multicrop.local_crop_size=12"
+    python benchmarks/bench_step_cost.py --variant "compiled=data.use_multicrop=false,training.compile=true"
     python benchmarks/bench_step_cost.py --steps 2 --warmup 1 --out /tmp/step_cost   # wiring check
 """
 
@@ -30,6 +32,7 @@ import torch
 from hjepa_core.config import load_config
 from hjepa_core.data.multicrop_dataset import MultiCropBatch, build_multicrop_dataloader, build_multicrop_dataset
 from hjepa_core.models import build_hjepa
+from hjepa_core.train.device import compile_modules
 from hjepa_core.train.engine import autocast_dtype
 from hjepa_core.train.optim import build_optimizer, set_schedule
 from hjepa_core.utils import atomic_write_text
@@ -61,6 +64,8 @@ class Variant:
         batches_iter = iter(loader)
         self.batches: list[MultiCropBatch] = [next(batches_iter) for _ in range(batches)]
         self.model = build_hjepa(self.config).train()
+        if t.compile:  # as the engine does with training.compile=true; warm-up steps compile
+            compile_modules(self.model, t.compile_backend)
         self.optimizer = build_optimizer(self.model, t.lr)
         set_schedule(self.optimizer, t.lr, t.weight_decay)
         self.amp_dtype = autocast_dtype(t.precision, torch.device("cpu"))

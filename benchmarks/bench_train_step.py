@@ -27,9 +27,13 @@ Timing: ``torch.set_num_threads`` (default 2), a few warm-up steps each, then N 
 interleaved ours/lightly (order alternating), median per library; phases (forward, backward,
 optimizer, EMA) are timed too. Model FLOPs of forward + backward are counted for both
 (``torch.utils.flop_counter``), so the speed ratio splits into less work and speed per FLOP.
+``--compile`` adds both models under ``torch.compile`` with static shapes (ours through the
+engine's ``compile_modules``, as ``training.compile=true`` trains; lightly's encoder, target
+encoder and predictor the same way), built from the same seed and timed in the same interleave.
 
     python benchmarks/bench_train_step.py                 # writes benchmarks/results/train_step.{json,md}
     python benchmarks/bench_train_step.py --steps 2 --warmup 1 --out /tmp/bench   # quick check
+    python benchmarks/bench_train_step.py --compile --steps 20   # eager and compiled, side by side
 """
 
 from __future__ import annotations
@@ -41,15 +45,18 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from quality.lightly_ijepa import LightlyIJEPA  # benchmarks/quality/, shared with the quality benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
-from hjepa_core.config import load_config
+from hjepa_core.config import Config, load_config
 from hjepa_core.data.multicrop_dataset import MultiCropBatch
 from hjepa_core.models import build_hjepa
+from hjepa_core.models.hjepa import HJEPA
+from hjepa_core.train.device import compile_modules
 from hjepa_core.train.optim import build_optimizer, set_schedule
 
 LR, WEIGHT_DECAY, EMA = 1e-4, 0.04, 0.996
@@ -81,9 +88,10 @@ def settings_from_args(args: argparse.Namespace) -> dict:
     }
 
 
-def build_ours(s: dict):
+def ours_overrides(s: dict) -> list[str]:
+    """Our config reduced to plain I-JEPA at the settings' sizes."""
     e, p, m = s["encoder"], s["predictor"], s["masks"]
-    overrides = [
+    return [
         "data.use_multicrop=false",
         f"data.multicrop.global_crop_size={s['image_size']}",
         "masking.num_hierarchies=1",
@@ -106,7 +114,10 @@ def build_ours(s: dict):
         f"model.predictor_num_heads={p['num_heads']}",
         "training.precision=fp32",
     ]
-    config = load_config(None, overrides)
+
+
+def build_ours(s: dict) -> tuple[Config, HJEPA, torch.optim.Optimizer]:
+    config = load_config(None, ours_overrides(s))
     model = build_hjepa(config).train()
     optimizer = build_optimizer(model, LR)
     set_schedule(optimizer, LR, WEIGHT_DECAY)
@@ -117,16 +128,60 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def run(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
+@dataclass
+class Contender:
+    """One model in the race: its loss for step ``i``'s batch, its optimizer and EMA update."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_of: Callable[[int], torch.Tensor]
+    ema: Callable[[], None]
+
+    def step(self, i: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        loss = self.loss_of(i)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        self.ema()
+        t4 = time.perf_counter()
+        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "ema": t4 - t3, "total": t4 - t0}
+
+
+def build_contenders(s: dict, compiled: bool, batches: Callable, lightly_masks: Callable) -> dict[str, Contender]:
+    """Ours and lightly's model from the same seed; ``compiled``: ``torch.compile`` with static
+    shapes, ours through the engine's ``compile_modules`` (``training.compile``), lightly's three
+    modules the same way (the masks give it the same shapes every step too)."""
+    from lightly.models.utils import update_momentum
+
     torch.manual_seed(0)
-    s = settings_from_args(args)
-    config, ours, ours_opt = build_ours(s)
+    _, ours, ours_opt = build_ours(s)
+    torch.manual_seed(0)
     lightly_model = LightlyIJEPA(s).train()
     lightly_opt = build_optimizer(lightly_model, LR)
     set_schedule(lightly_opt, LR, WEIGHT_DECAY)
-    from lightly.models.utils import update_momentum
+    if compiled:
+        compile_modules(ours)
+        for module in (lightly_model.encoder, lightly_model.target_encoder, lightly_model.predictor):
+            module.compile(dynamic=False)
+    images, ours_batch = batches
+    suffix = " compiled" if compiled else ""
+    return {
+        f"ours{suffix}": Contender(ours, ours_opt, lambda i: ours(ours_batch(i)).loss,
+                                   lambda: ours.update_target(EMA)),
+        f"lightly{suffix}": Contender(
+            lightly_model, lightly_opt, lambda i: lightly_model(images[i], *lightly_masks(i)),
+            lambda: update_momentum(lightly_model.encoder, lightly_model.target_encoder, EMA)),
+    }
 
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    s = settings_from_args(args)
+    config = load_config(None, ours_overrides(s))
     b, size = s["batch_size"], s["image_size"]
     total = args.warmup + args.steps
     gen = config.build_mask_generator(seed=0)
@@ -145,65 +200,34 @@ def run(args: argparse.Namespace) -> dict:
         gm = mask_sets[i].global_masks[0]
         return [gm.context], list(gm.targets[0].unbind(1))  # (B, M, T) -> M x (B, T)
 
-    losses: dict[str, Callable[[int], torch.Tensor]] = {
-        "ours": lambda i: ours(ours_batch(i)).loss,
-        "lightly": lambda i: lightly_model(images[i], *lightly_masks(i)),
-    }
-
-    def ours_step(i: int) -> dict[str, float]:
-        batch = ours_batch(i)
-        t0 = time.perf_counter()
-        loss = ours(batch).loss
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        ours_opt.step()
-        ours_opt.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        ours.update_target(EMA)
-        t4 = time.perf_counter()
-        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "ema": t4 - t3, "total": t4 - t0}
-
-    def lightly_step(i: int) -> dict[str, float]:
-        masks_enc, masks_pred = lightly_masks(i)
-        t0 = time.perf_counter()
-        loss = lightly_model(images[i], masks_enc, masks_pred)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        lightly_opt.step()
-        lightly_opt.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        update_momentum(lightly_model.encoder, lightly_model.target_encoder, EMA)
-        t4 = time.perf_counter()
-        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "ema": t4 - t3, "total": t4 - t0}
-
-    steps: dict[str, Callable[[int], dict[str, float]]] = {"ours": ours_step, "lightly": lightly_step}
+    contenders = build_contenders(s, False, (images, ours_batch), lightly_masks)
     # Model FLOPs of forward + backward, counted over the warm-up steps' masks (the padding of our
     # fixed-size target blocks counts as work): how much of the speed ratio is less work.
     flops = {}
-    for name, loss_of in losses.items():
+    for name, c in contenders.items():
         with FlopCounterMode(display=False) as counter:
             for i in range(args.warmup):
-                loss_of(i).backward()
+                c.loss_of(i).backward()
+        c.optimizer.zero_grad(set_to_none=True)
         flops[name] = counter.get_total_flops() / max(args.warmup, 1)
-    for optimizer in (ours_opt, lightly_opt):
-        optimizer.zero_grad(set_to_none=True)
-    for i in range(args.warmup):
-        for fn in steps.values():
-            fn(i)
+    if args.compile:
+        contenders |= build_contenders(s, True, (images, ours_batch), lightly_masks)
+    warmup_s = {name: [c.step(i)["total"] for i in range(args.warmup)] for name, c in contenders.items()}
     load_before = os.getloadavg()
-    times: dict[str, list[dict[str, float]]] = {name: [] for name in steps}
+    times: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}
     for j in range(args.steps):
         i = args.warmup + j
-        order = list(steps) if j % 2 == 0 else list(reversed(steps))
+        order = list(contenders) if j % 2 == 0 else list(reversed(contenders))
         for name in order:
-            times[name].append(steps[name](i))
+            times[name].append(contenders[name].step(i))
     load_after = os.getloadavg()
+
+    def pair_ratio(fast: str, slow: str) -> float:  # per interleaved pair: less sensitive to load drift
+        return median([s_["total"] / f["total"] for f, s_ in zip(times[fast], times[slow], strict=True)])
 
     gm = mask_sets[0].global_masks[0]
     results = {}
-    for name, model in (("ours", ours), ("lightly", lightly_model)):
+    for name, c in contenders.items():
         phases = {k: median([t[k] for t in times[name]]) for k in times[name][0]}
         totals = [t["total"] for t in times[name]]
         results[name] = {
@@ -212,12 +236,18 @@ def run(args: argparse.Namespace) -> dict:
             "step_s_min": min(totals),
             "step_s_max": max(totals),
             "phase_s_median": phases,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "gflops_per_step": flops[name] / 1e9,
+            "first_step_s": warmup_s[name][0],  # includes compilation for the compiled rows
+            "trainable_params": sum(p.numel() for p in c.model.parameters() if p.requires_grad),
+            "gflops_per_step": flops[name.removesuffix(" compiled")] / 1e9,
             "steps_s": totals,
         }
+    ratios = {"eager": pair_ratio("ours", "lightly")}
+    if args.compile:
+        ratios |= {"compiled": pair_ratio("ours compiled", "lightly compiled"),
+                   "ours_compiled_over_lightly_eager": pair_ratio("ours compiled", "lightly"),
+                   "ours_compiled_over_ours_eager": pair_ratio("ours compiled", "ours")}
     return {
-        "settings": s,
+        "settings": s | {"compile": args.compile},
         "mask_example": {
             "grid": gm.grid_sizes[0],
             "context_tokens": int(gm.context.shape[1]),
@@ -226,10 +256,8 @@ def run(args: argparse.Namespace) -> dict:
         },
         "results": results,
         "ratio_ours_over_lightly": results["ours"]["images_per_s"] / results["lightly"]["images_per_s"],
-        # per interleaved pair (same step, same masks, back to back): less sensitive to load drift
-        "ratio_median_of_pairs": median([
-            lt / ot for ot, lt in zip(results["ours"]["steps_s"], results["lightly"]["steps_s"], strict=True)
-        ]),
+        "ratio_median_of_pairs": ratios["eager"],
+        "ratios_median_of_pairs": ratios,
         "ratio_best_steps": results["lightly"]["step_s_min"] / results["ours"]["step_s_min"],
         "flops_ratio_lightly_over_ours": flops["lightly"] / flops["ours"],
         "loadavg_before": list(load_before),
@@ -256,21 +284,30 @@ def markdown(r: dict) -> str:
         f"`torch.set_num_threads({s['threads']})`, fp32, no grad clipping.",
         "",
         "| model | images/s (median step) | images/s (best step) | step (s, median) | min / max (s) "
-        "| forward | backward | AdamW | EMA | GFLOP fwd+bwd | trainable params |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| forward | backward | AdamW | EMA | first step (s) | GFLOP fwd+bwd | trainable params |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, label in (("ours", "ours (HJEPA, 1 level, single crop)"), ("lightly", "lightly I-JEPA modules")):
-        x, ph = res[name], res[name]["phase_s_median"]
+    labels = {"ours": "ours (HJEPA, 1 level, single crop)", "lightly": "lightly I-JEPA modules"}
+    for name, x in res.items():
+        ph = x["phase_s_median"]
+        label = labels[name.removesuffix(" compiled")] + (", `torch.compile`" if name.endswith(" compiled") else "")
         lines.append(
             f"| {label} | {x['images_per_s']:.1f} | {s['batch_size'] / x['step_s_min']:.1f} | "
             f"{x['step_s_median']:.3f} | "
             f"{x['step_s_min']:.3f} / {x['step_s_max']:.3f} | {ph['forward']:.3f} | {ph['backward']:.3f} | "
-            f"{ph['optimizer']:.3f} | {ph['ema']:.4f} | {x['gflops_per_step']:.1f} | {x['trainable_params']:,} |"
+            f"{ph['optimizer']:.3f} | {ph['ema']:.4f} | {x['first_step_s']:.1f} | {x['gflops_per_step']:.1f} | "
+            f"{x['trainable_params']:,} |"
         )
+    ratio_labels = {"eager": "ours / lightly, both eager", "compiled": "ours / lightly, both compiled",
+                    "ours_compiled_over_lightly_eager": "ours compiled / lightly eager",
+                    "ours_compiled_over_ours_eager": "ours compiled / ours eager"}
     lines += [
         "",
         f"**ratio ours / lightly (images/s, median steps): {r['ratio_ours_over_lightly']:.2f}x**; "
         f"median of per-pair ratios: {r['ratio_median_of_pairs']:.2f}x; best steps: {r['ratio_best_steps']:.2f}x",
+        "",
+        "Median per-pair step-time ratios: " + "; ".join(
+            f"{ratio_labels[k]} **{v:.2f}x**" for k, v in r.get("ratios_median_of_pairs", {}).items()),
         "",
         f"Model FLOPs per step (forward + backward, `torch.utils.flop_counter`): lightly does "
         f"{r['flops_ratio_lightly_over_ours']:.2f}x ours, so {r['flops_ratio_lightly_over_ours']:.2f}x of the "
@@ -315,6 +352,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time both models under torch.compile (static shapes; inductor needs a C++ compiler)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     r = run(args)
