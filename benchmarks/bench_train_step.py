@@ -116,12 +116,11 @@ def ours_overrides(s: dict) -> list[str]:
     ]
 
 
-def build_ours(s: dict) -> tuple[Config, HJEPA, torch.optim.Optimizer]:
-    config = load_config(None, ours_overrides(s))
+def build_ours(config: Config) -> tuple[HJEPA, torch.optim.Optimizer]:
     model = build_hjepa(config).train()
     optimizer = build_optimizer(model, LR)
     set_schedule(optimizer, LR, WEIGHT_DECAY)
-    return config, model, optimizer
+    return model, optimizer
 
 
 def median(values: list[float]) -> float:
@@ -151,14 +150,17 @@ class Contender:
         return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "ema": t4 - t3, "total": t4 - t0}
 
 
-def build_contenders(s: dict, compiled: bool, batches: Callable, lightly_masks: Callable) -> dict[str, Contender]:
+def build_contenders(s: dict, config: Config, compiled: bool, images: list[torch.Tensor],
+                     ours_batch: Callable[[int], MultiCropBatch],
+                     lightly_masks: Callable[[int], tuple[list[torch.Tensor], list[torch.Tensor]]],
+                     ) -> dict[str, Contender]:
     """Ours and lightly's model from the same seed; ``compiled``: ``torch.compile`` with static
     shapes, ours through the engine's ``compile_modules`` (``training.compile``), lightly's three
     modules the same way (the masks give it the same shapes every step too)."""
     from lightly.models.utils import update_momentum
 
     torch.manual_seed(0)
-    _, ours, ours_opt = build_ours(s)
+    ours, ours_opt = build_ours(config)
     torch.manual_seed(0)
     lightly_model = LightlyIJEPA(s).train()
     lightly_opt = build_optimizer(lightly_model, LR)
@@ -167,7 +169,6 @@ def build_contenders(s: dict, compiled: bool, batches: Callable, lightly_masks: 
         compile_modules(ours)
         for module in (lightly_model.encoder, lightly_model.target_encoder, lightly_model.predictor):
             module.compile(dynamic=False)
-    images, ours_batch = batches
     suffix = " compiled" if compiled else ""
     return {
         f"ours{suffix}": Contender(ours, ours_opt, lambda i: ours(ours_batch(i)).loss,
@@ -200,7 +201,7 @@ def run(args: argparse.Namespace) -> dict:
         gm = mask_sets[i].global_masks[0]
         return [gm.context], list(gm.targets[0].unbind(1))  # (B, M, T) -> M x (B, T)
 
-    contenders = build_contenders(s, False, (images, ours_batch), lightly_masks)
+    contenders = build_contenders(s, config, False, images, ours_batch, lightly_masks)
     # Model FLOPs of forward + backward, counted over the warm-up steps' masks (the padding of our
     # fixed-size target blocks counts as work): how much of the speed ratio is less work.
     flops = {}
@@ -211,7 +212,7 @@ def run(args: argparse.Namespace) -> dict:
         c.optimizer.zero_grad(set_to_none=True)
         flops[name] = counter.get_total_flops() / max(args.warmup, 1)
     if args.compile:
-        contenders |= build_contenders(s, True, (images, ours_batch), lightly_masks)
+        contenders |= build_contenders(s, config, True, images, ours_batch, lightly_masks)
     warmup_s = {name: [c.step(i)["total"] for i in range(args.warmup)] for name, c in contenders.items()}
     load_before = os.getloadavg()
     times: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}

@@ -85,7 +85,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache_dir", help="feature cache (default: $HJEPA_CACHE/features)")
     p.add_argument("--no-cache", action="store_true", help="always re-extract features")
     p.add_argument("--output_dir", help="report folder (default: <checkpoint dir>/eval)")
-    p.add_argument("--tracking", action=_BooleanFlag, default=None,
+    p.add_argument("--tracking", action=argparse.BooleanOptionalAction, default=None,
                    help="log to MLflow (default: as the checkpoint config's tracking.enabled)")
     p.add_argument("--tracking_uri", help="MLflow URI (default: config / MLFLOW_TRACKING_URI)")
     p.add_argument("--experiment", help="MLflow experiment (default: the pretraining run's)")
@@ -279,7 +279,8 @@ def _add_plugins(sub: argparse._SubParsersAction) -> None:
 
 class _BooleanFlag(argparse.BooleanOptionalAction):
     """``--flag`` / ``--no_flag``: argparse reads "no" only from the hyphen spelling ``--no-flag``,
-    so without this the underscore one (added by :func:`_one_flag_style`) would mean True."""
+    so :func:`_one_flag_style` turns every ``BooleanOptionalAction`` into this one, or the
+    underscore spelling it adds would mean True."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: str | Sequence[object] | None, option_string: str | None = None) -> None:
@@ -313,6 +314,8 @@ def _one_flag_style(parser: argparse.ArgumentParser) -> None:
             for child in {id(p): p for p in action.choices.values()}.values():
                 _one_flag_style(child)
             continue
+        if type(action) is argparse.BooleanOptionalAction:
+            action.__class__ = _BooleanFlag
         spelled = list(dict.fromkeys(form for option in action.option_strings for form in _spellings(option)))
         for option in spelled:
             parser._option_string_actions[option] = action
