@@ -19,7 +19,10 @@ AdamW step + EMA update of the target encoder. No grad clipping, no AMP, fp32.
 Both get exactly the same masks each step: our ``HierarchicalMaskGenerator`` (via
 ``Config.build_mask_generator``) draws a context index tensor and 4 target blocks per image;
 lightly gets the context as ``masks_enc`` and each target block as one entry of
-``masks_pred``. lightly's encoder sequence starts with a class token, so indices into encoder
+``masks_pred``. Eager rows get each batch's blocks at their drawn size (what eager training
+draws); compiled rows get them padded to the largest block the scales allow (static shapes, as
+``training.compile`` draws them: the padding is hidden from our attention and loss, and is real
+repeated target tokens for lightly). lightly's encoder sequence starts with a class token, so indices into encoder
 tokens are shifted by one (the class token is dropped from the context, as in I-JEPA);
 indices into the predictor's position table are not.
 
@@ -54,6 +57,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hjepa_core.config import Config, load_config
 from hjepa_core.data.multicrop_dataset import MultiCropBatch
+from hjepa_core.masks import MultiCropMasks
 from hjepa_core.models import build_hjepa
 from hjepa_core.models.hjepa import HJEPA
 from hjepa_core.train.device import compile_modules
@@ -70,7 +74,9 @@ def settings_from_args(args: argparse.Namespace) -> dict:
         "encoder": {"embed_dim": 192, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0},
         "predictor": {"embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 4.0},
         "masks": {
-            "source": "ours (HierarchicalMaskGenerator), identical tensors fed to both",
+            "source": "ours (HierarchicalMaskGenerator), identical tensors fed to both; eager rows: each "
+                      "batch's blocks at their drawn size; compiled rows: padded to the largest block "
+                      "(static shapes)",
             "num_target_blocks": 4,
             "target_scale": [0.15, 0.2],
             "target_aspect_ratio": [0.75, 1.5],
@@ -185,25 +191,33 @@ def run(args: argparse.Namespace) -> dict:
     config = load_config(None, ours_overrides(s))
     b, size = s["batch_size"], s["image_size"]
     total = args.warmup + args.steps
-    gen = config.build_mask_generator(seed=0)
-    mask_sets = [gen(b) for _ in range(total)]
     images = [torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(i)) for i in range(total)]
     box = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(1, b, 4).contiguous()
 
-    def ours_batch(i: int) -> MultiCropBatch:
-        return MultiCropBatch(
-            crops=[images[i]], labels=torch.zeros(b, dtype=torch.long), boxes=box,
-            flips=torch.zeros(1, b, dtype=torch.bool), indices=torch.arange(b),
-            num_global_crops=1, masks=mask_sets[i],
-        )
+    def feeds(config: Config) -> tuple[list[MultiCropMasks], Callable[[int], MultiCropBatch],
+                                       Callable[[int], tuple[list[torch.Tensor], list[torch.Tensor]]]]:
+        """The masks this config's generator draws (padded target blocks under ``training.compile``,
+        the cells drawn are the same) as our batches and as lightly's mask lists."""
+        gen = config.build_mask_generator(seed=0)
+        mask_sets = [gen(b) for _ in range(total)]
 
-    def lightly_masks(i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        gm = mask_sets[i].global_masks[0]
-        return [gm.context], list(gm.targets[0].unbind(1))  # (B, M, T) -> M x (B, T)
+        def ours_batch(i: int) -> MultiCropBatch:
+            return MultiCropBatch(
+                crops=[images[i]], labels=torch.zeros(b, dtype=torch.long), boxes=box,
+                flips=torch.zeros(1, b, dtype=torch.bool), indices=torch.arange(b),
+                num_global_crops=1, masks=mask_sets[i],
+            )
 
+        def lightly_masks(i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+            gm = mask_sets[i].global_masks[0]
+            return [gm.context], list(gm.targets[0].unbind(1))  # (B, M, T) -> M x (B, T)
+
+        return mask_sets, ours_batch, lightly_masks
+
+    mask_sets, ours_batch, lightly_masks = feeds(config)
     contenders = build_contenders(s, config, False, images, ours_batch, lightly_masks)
-    # Model FLOPs of forward + backward, counted over the warm-up steps' masks (the padding of our
-    # fixed-size target blocks counts as work): how much of the speed ratio is less work.
+    # Model FLOPs of forward + backward, counted over the warm-up steps' masks: how much of the
+    # speed ratio is less work.
     flops = {}
     for name, c in contenders.items():
         with FlopCounterMode(display=False) as counter:
@@ -212,7 +226,10 @@ def run(args: argparse.Namespace) -> dict:
         c.optimizer.zero_grad(set_to_none=True)
         flops[name] = counter.get_total_flops() / max(args.warmup, 1)
     if args.compile:
-        contenders |= build_contenders(s, config, True, images, ours_batch, lightly_masks)
+        # Static shapes: both compiled models get the padded blocks, hidden from our attention and
+        # loss, and real (repeated) target tokens for lightly, which has no validity mask.
+        compiled = load_config(None, [*ours_overrides(s), "training.compile=true"])
+        contenders |= build_contenders(s, compiled, True, images, *feeds(compiled)[1:])
     warmup_s = {name: [c.step(i)["total"] for i in range(args.warmup)] for name, c in contenders.items()}
     load_before = os.getloadavg()
     times: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}

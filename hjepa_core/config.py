@@ -360,6 +360,7 @@ class Config:
             context_scale=mk.context_scale,
             min_context_patches=mk.min_context_patches,
             local_mask_ratio=mk.local_mask_ratio,
+            pad_targets=self.training.compile,  # static shapes only where a compiler needs them
             seed=seed,
         )
 

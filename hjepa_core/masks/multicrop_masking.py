@@ -87,7 +87,7 @@ class MultiCropMaskGenerator:
             their prediction of the global views gets harder.
         seed: makes calls without an explicit generator deterministic.
         **kwargs: passed on to :class:`HierarchicalMaskGenerator` (``level_scale_growth``,
-            ``context_scale``, ``min_context_patches``).
+            ``context_scale``, ``min_context_patches``, ``pad_targets``).
     """
 
     def __init__(

@@ -183,8 +183,8 @@ class HJEPA(nn.Module):
                 pred_context.append(_per_image(tokens, len(context_roles), b, n_g))
                 pred_positions.append(_per_image(positions, len(context_roles), b, n_g))
 
-        # Target blocks have a fixed cell count per level, padded where a batch's blocks are
-        # smaller: the padding is hidden from attention and the loss (static shapes for compile).
+        # Under torch.compile target blocks have a fixed cell count per level, padded where a batch's
+        # blocks are smaller: the padding is hidden from attention and the loss.
         queries, answers, valid = [], [], []
         for k, weight in enumerate(self.hierarchy_weights):
             idx = torch.cat([m.targets[k] for m in masks.global_masks]).flatten(1)

@@ -112,9 +112,15 @@ class HierarchicalPredictor(nn.Module):
         x = torch.cat(parts, dim=1)
         mask = None if key_valid is None else key_valid[:, None, None, :]
         recompute = self.grad_checkpointing and self.training
-        for block in self.blocks:
+        *blocks, last = self.blocks
+        assert isinstance(last, Block)
+        for block in blocks:
             x = checkpoint(block, x, None, mask, use_reentrant=False) if recompute else block(x, None, mask)
+        # Only the queries' outputs are read: the last block skips the context rows' own outputs.
+        start = context.shape[1]
+        x = (checkpoint(last.forward_rows_from, x, start, mask, use_reentrant=False) if recompute
+             else last.forward_rows_from(x, start, mask))
         x = self.norm(x)
         sizes = [p.shape[1] for p, _ in queries]
-        outputs = x[:, context.shape[1]:].split(sizes, dim=1)
+        outputs = x.split(sizes, dim=1)
         return [self.heads[level](out) for out, (_, level) in zip(outputs, queries, strict=True)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -109,6 +110,17 @@ class VisionTransformer(nn.Module):
             "use_rope": self.use_rope,
         }
 
+    def _embed_kept_patches(self, images: Tensor, keep: Tensor) -> Tensor:
+        """Patch embedding of the kept patches only: the patch convolution as a linear map on the
+        gathered pixels, so a masked crop (I-JEPA's context keeps ~30-50% of its patches) does not
+        pay for embedding, and back-propagating through, the patches it drops."""
+        n, c, h, w = images.shape
+        p = self.patch_size
+        patches = images.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)
+        kept = torch.gather(patches, 1, keep[..., None].expand(-1, -1, patches.shape[-1]))
+        proj = self.patch_embed.proj
+        return self.patch_embed.norm(F.linear(kept, proj.weight.flatten(1), proj.bias))
+
     def forward(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
         """Encodes images, optionally keeping only some patches.
 
@@ -120,16 +132,17 @@ class VisionTransformer(nn.Module):
         """
         if images.shape[-1] % self.patch_size or images.shape[-2] % self.patch_size:
             raise ValueError(f"image {tuple(images.shape[-2:])} is not divisible by patch {self.patch_size}")
-        x = self.patch_embed(images)
         side = images.shape[-1] // self.patch_size
-        rope = None
-        if self.rope is None:
-            x = x + sincos_embed(grid_coords(side, x.device), self.embed_dim).to(x.dtype)
+        table = None if self.rope is not None else sincos_embed(grid_coords(side, images.device), self.embed_dim)
+        rope = None if self.rope is None else self.rope.get_embed([side, side])
+        if keep is None:
+            x = self.patch_embed(images)
         else:
-            rope = self.rope.get_embed([side, side])
-        if keep is not None:
-            x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
+            x = self._embed_kept_patches(images, keep)
+            table = None if table is None else table[keep]
             rope = None if rope is None else rope[keep][:, None]
+        if table is not None:
+            x = x + table.to(x.dtype)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, rope, use_reentrant=False)

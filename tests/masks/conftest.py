@@ -25,14 +25,18 @@ def check_invariants(masks: HierarchicalMasks, generator: HierarchicalMaskGenera
     covered = masks.target_coverage()
     assert not covered.gather(1, masks.context).any()
     lo_r, hi_r = generator.aspect_ratio_range
-    for level, (padded, valid, side) in enumerate(zip(masks.targets, masks.target_valid, masks.grid_sizes,
-                                                       strict=True)):
-        # A fixed cell count per level (static shapes): real cells first, then copies of the first.
-        assert padded.shape == valid.shape == (batch, generator.num_target_masks, generator.target_counts[level])
-        cells = int(valid[0, 0].sum())
-        assert valid[..., :cells].all() and not valid[..., cells:].any()
-        assert (padded[..., cells:] == padded[..., :1]).all()
-        targets = padded[..., :cells]
+    valid_masks = masks.target_valid or [None] * len(masks.targets)
+    assert (masks.target_valid is not None) == generator.pad_targets
+    for level, (blocks, valid, side) in enumerate(zip(masks.targets, valid_masks, masks.grid_sizes, strict=True)):
+        if valid is None:
+            targets = blocks
+        else:
+            # A fixed cell count per level (static shapes): real cells first, then copies of the first.
+            assert blocks.shape == valid.shape == (batch, generator.num_target_masks, generator.target_counts[level])
+            cells = int(valid[0, 0].sum())
+            assert valid[..., :cells].all() and not valid[..., cells:].any()
+            assert (blocks[..., cells:] == blocks[..., :1]).all()
+            targets = blocks[..., :cells]
         assert targets.min() >= 0 and targets.max() < side * side
         rows, cols = targets // side, targets % side
         heights = rows.amax(-1) - rows.amin(-1) + 1

@@ -55,6 +55,24 @@ def test_mask_invariants(mask_invariants, grid: int, num_hierarchies: int, num_t
     mask_invariants(masks, generator, batch)
 
 
+def test_unpadded_targets_are_the_padded_cells_without_the_padding(mask_invariants) -> None:
+    """``pad_targets=False`` (eager mode) draws the same context and blocks as the padded masks
+    (static shapes for torch.compile) and drops only the padding."""
+    padded_gen = HierarchicalMaskGenerator(input_size=128, patch_size=16, num_hierarchies=2)
+    exact_gen = HierarchicalMaskGenerator(input_size=128, patch_size=16, num_hierarchies=2, pad_targets=False)
+    shorter = 0
+    for seed in range(5):
+        padded, exact = padded_gen(16, _gen(seed)), exact_gen(16, _gen(seed))
+        mask_invariants(exact, exact_gen, 16)
+        assert exact.target_valid is None
+        assert torch.equal(padded.context, exact.context)
+        for blocks, cells, valid in zip(padded.targets, exact.targets, padded.target_valid, strict=True):
+            real = int(valid[0, 0].sum())
+            assert torch.equal(blocks[..., :real], cells)
+            shorter += cells.shape[-1] < blocks.shape[-1]
+    assert shorter, "no batch drew a block smaller than the padded size"
+
+
 def test_deterministic_for_a_seed_and_different_across_seeds() -> None:
     generator = HierarchicalMaskGenerator()
     a, b, c = generator(16, _gen(1)), generator(16, _gen(1)), generator(16, _gen(2))

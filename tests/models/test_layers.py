@@ -122,3 +122,24 @@ def test_predictor_state_dict_and_forward_are_unchanged():
     with torch.no_grad():
         (out,) = predictor(context, context_pos, [(query_pos, 1)], key_valid)
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_a_block_can_compute_only_its_last_rows():
+    """``Block.forward_rows_from`` (the predictor's last block, whose context rows are discarded)
+    gives the full block's last rows and the same gradients, with and without a key mask."""
+    from hjepa_core.models.layers import Block
+
+    torch.manual_seed(0)
+    block = Block(16, 2)
+    x = torch.randn(3, 9, 16, requires_grad=True)
+    key_valid = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    key_valid[1, ..., 7] = False
+    for mask in (None, key_valid):
+        grads = []
+        for out in (block(x, None, mask)[:, 4:], block.forward_rows_from(x, 4, mask)):
+            x.grad = None
+            block.zero_grad()
+            (out * torch.linspace(-1, 1, 16)).sum().backward()
+            grads.append((out.detach(), x.grad.clone(), block.mlp.fc1.weight.grad.clone()))
+        for full, rows in zip(*grads, strict=True):
+            torch.testing.assert_close(rows, full, rtol=1e-5, atol=1e-6)

@@ -27,6 +27,23 @@ def test_dropped_tokens_do_not_influence_kept_ones(vit):
     assert torch.allclose(vit(x, keep), vit(changed, keep), atol=1e-6)
 
 
+def test_kept_patches_are_embedded_as_the_full_grid_would_embed_them(vit):
+    """A masked crop embeds only its kept patches (the patch convolution as a linear map on the
+    gathered pixels): the same tokens, position included, as embedding every patch and then
+    gathering, and the same gradient for the patch embedding."""
+    x = torch.randn(3, 3, 32, 32)
+    keep = torch.tensor([[0, 5, 9, 63], [1, 2, 3, 4], [40, 41, 62, 63]])
+    vit.blocks = torch.nn.ModuleList()  # the embedding, the position table and the final norm only
+    full = torch.gather(vit(x), 1, keep[..., None].expand(-1, -1, 32))
+    torch.testing.assert_close(vit(x, keep), full, rtol=1e-5, atol=1e-5)
+    grads = []
+    for out in (vit(x, keep), torch.gather(vit(x), 1, keep[..., None].expand(-1, -1, 32))):
+        vit.zero_grad()
+        (out * torch.linspace(-1, 1, 32)).sum().backward()
+        grads.append(vit.patch_embed.proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
 def test_rope_and_checkpointing_variants_run_and_match():
     torch.manual_seed(0)
     rope = VisionTransformer(patch_size=4, embed_dim=32, depth=2, num_heads=2, use_rope=True)
