@@ -126,7 +126,6 @@ class LossConfig:
     local_weight: float = 1.0
     local_level_weight: float = 0.0
     image_weight: float = 1.0
-    local_pooled_weight: float = 0.0
     vicreg_weight: float = 0.0
     sigreg_weight: float = 0.0
     collapse_every: int = 50
@@ -247,8 +246,7 @@ class Config:
                 f"loss.hierarchy_weights has {len(self.loss.hierarchy_weights)} entries but "
                 f"masking.num_hierarchies={self.masking.num_hierarchies}; give one weight per level"
             )
-        for key in ("local_weight", "local_level_weight", "image_weight", "local_pooled_weight", "vicreg_weight",
-                    "sigreg_weight"):
+        for key in ("local_weight", "local_level_weight", "image_weight", "vicreg_weight", "sigreg_weight"):
             value = getattr(self.loss, key)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"loss.{key} must be a finite number >= 0 (0 turns the term off), got {value}")

@@ -92,12 +92,6 @@ class HJEPA(nn.Module):
             blocks at every level from the local crop alone (0 turns it off).
         image_weight: weight of the image-level prediction from the global crops' contexts (each
             context predicts every global view's image-level target: cross-view when n_g >= 2).
-        local_pooled_weight: weight of a local crop's mean-pooled context-encoder embedding, through
-            a linear head, regressing its image's image-level targets (0 turns it off). Unlike the
-            predictor's local -> image-level query, which can absorb the difference between views,
-            a linear head asks the encoder's pooled embedding itself to agree across scales: DINO's
-            local-to-global agreement (Caron et al., 2021) with BYOL's asymmetric head (Grill et
-            al., 2020) instead of a softmax over prototypes.
         vicreg_weight: weight of VICReg on pooled context embeddings of two global views.
         sigreg_weight: weight of SIGReg (LeJEPA) on the pooled context embeddings of every
             global crop: an anti-collapse term that needs no second view.
@@ -114,7 +108,6 @@ class HJEPA(nn.Module):
         image_weight: float = 1.0,
         vicreg_weight: float = 0.0,
         sigreg_weight: float = 0.0,
-        local_pooled_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -128,8 +121,6 @@ class HJEPA(nn.Module):
         self.image_weight = image_weight
         self.vicreg_weight = vicreg_weight
         self.sigreg_weight = sigreg_weight
-        self.local_pooled_weight = local_pooled_weight
-        self.pooled_head = nn.Linear(encoder.embed_dim, encoder.embed_dim) if local_pooled_weight > 0 else None
 
     def train(self, mode: bool = True) -> HJEPA:
         super().train(mode)
@@ -268,10 +259,6 @@ class HJEPA(nn.Module):
         predictions = self.predictor(tokens, positions, queries, _key_valid(tokens, queries, masks))
         parts["loss/local"] = prediction_loss(predictions[0], targets[0], self.loss_type)
         total = self.local_weight * parts["loss/local"]
-        if self.pooled_head is not None:
-            pooled = _layer_norm(self.pooled_head(tokens.mean(dim=1)))[:, None]  # (L*B, 1, D)
-            parts["loss/local_pooled"] = prediction_loss(pooled.expand_as(targets[0]), targets[0], self.loss_type)
-            total = total + self.local_pooled_weight * parts["loss/local_pooled"]
         if self.local_level_weight > 0:
             weights = [weight for _, weight, _ in level_answers]
             level_losses = [w * prediction_loss(p, t, self.loss_type, m)
@@ -318,5 +305,4 @@ def build_hjepa(config) -> HJEPA:
         image_weight=config.loss.image_weight,
         vicreg_weight=config.loss.vicreg_weight,
         sigreg_weight=config.loss.sigreg_weight,
-        local_pooled_weight=config.loss.local_pooled_weight,
     )

@@ -198,23 +198,3 @@ def test_target_padding_changes_neither_loss_nor_gradient(strategy):
     for name in ref.parts:
         torch.testing.assert_close(out.parts[name], ref.parts[name], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(encoder_grad(model, batch), encoder_grad(model, unpadded), rtol=1e-4, atol=1e-6)
-
-
-def test_local_pooled_term_ties_the_local_crops_pooled_embedding_to_the_image_level():
-    """``loss.local_pooled_weight``: each encoded local crop's pooled embedding, through a linear
-    head, regresses the image-level targets; a loss part that changes the encoder's gradient, and
-    absent (no head either) at 0."""
-    cfg = tiny_config("global_only", "loss.local_pooled_weight=1.0")
-    torch.manual_seed(0)
-    model = build_hjepa(cfg)
-    batch = first_batch(cfg)
-    assert model.pooled_head is not None
-    assert torch.isfinite(model(batch).parts["loss/local_pooled"])
-    with_pooled = encoder_grad(model, batch)
-    model.pooled_head.zero_grad()
-    model(batch).loss.backward()
-    assert model.pooled_head.weight.grad is not None and model.pooled_head.weight.grad.abs().sum() > 0
-    model.local_pooled_weight, model.pooled_head = 0.0, None
-    assert "loss/local_pooled" not in model(batch).parts
-    assert not torch.allclose(with_pooled, encoder_grad(model, batch))
-    assert build_hjepa(tiny_config("global_only")).pooled_head is None
