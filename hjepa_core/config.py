@@ -254,6 +254,8 @@ class Config:
             raise ConfigError(f"loss.type={self.loss.type!r} must be 'smooth_l1' or 'mse'")
         if m.predictor_embed_dim % m.predictor_num_heads:
             raise ConfigError("model.predictor_embed_dim must be divisible by model.predictor_num_heads")
+        if m.predictor_depth < 1:  # queries carry no content: without a block they never see the context
+            raise ConfigError(f"model.predictor_depth must be >= 1, got {m.predictor_depth}")
         if t.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"training.precision={t.precision!r} must be auto, fp32, bf16 or fp16")
         for key in ("epochs", "batch_size", "accumulation_steps", "keep_last_checkpoints", "log_every"):

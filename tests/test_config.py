@@ -173,3 +173,8 @@ def test_overrides_interpolate(monkeypatch):
     monkeypatch.setenv("HJEPA_RUNS", "/data/runs")
     cfg = load_config(None, ["training.output_dir=${oc.env:HJEPA_RUNS}/a", "tracking.run_name=${training.seed}"])
     assert cfg.training.output_dir == "/data/runs/a" and cfg.tracking.run_name == "0"
+
+
+def test_a_predictor_needs_at_least_one_block():
+    with pytest.raises(ConfigError, match=r"model\.predictor_depth must be >= 1"):
+        load_config("configs/fashion_mnist.yaml", ["model.predictor_depth=0"])

@@ -89,7 +89,6 @@ class Block(nn.Module):
         x = x + self.drop_path(self.attn(self.norm1(x), rope, attn_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
-
     def forward_rows_from(self, x: Tensor, start: int, attn_mask: Tensor | None = None) -> Tensor:
         """The block's output for rows ``start:`` only; every row still serves as a key and value.
 
@@ -105,6 +104,7 @@ class Block(nn.Module):
         out = attn.proj(attn.norm(out.transpose(1, 2).reshape(b, n - start, attn.attn_dim)))
         x = x[:, start:] + self.drop_path(out)
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
 
 def init_weights(module: nn.Module) -> None:
     """Xavier-uniform linear and patch-embedding weights, zero biases, unit LayerNorms (MAE).
