@@ -125,7 +125,6 @@ class LossConfig:
     hierarchy_weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
     local_weight: float = 1.0
     local_level_weight: float = 0.0
-    local_dense_weight: float = 0.0
     image_weight: float = 1.0
     vicreg_weight: float = 0.0
     sigreg_weight: float = 0.0
@@ -247,15 +246,10 @@ class Config:
                 f"loss.hierarchy_weights has {len(self.loss.hierarchy_weights)} entries but "
                 f"masking.num_hierarchies={self.masking.num_hierarchies}; give one weight per level"
             )
-        for key in ("local_weight", "local_level_weight", "local_dense_weight", "image_weight", "vicreg_weight",
-                    "sigreg_weight"):
+        for key in ("local_weight", "local_level_weight", "image_weight", "vicreg_weight", "sigreg_weight"):
             value = getattr(self.loss, key)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"loss.{key} must be a finite number >= 0 (0 turns the term off), got {value}")
-        if self.loss.local_dense_weight > 0 and self.masking.local_mask_ratio == 0:
-            raise ConfigError("loss.local_dense_weight predicts the patches a local crop drops, and "
-                              "masking.local_mask_ratio=0 drops none: set masking.local_mask_ratio > 0 "
-                              "(e.g. 0.5) or loss.local_dense_weight=0")
         if self.loss.type not in ("smooth_l1", "mse"):
             raise ConfigError(f"loss.type={self.loss.type!r} must be 'smooth_l1' or 'mse'")
         if m.predictor_embed_dim % m.predictor_num_heads:

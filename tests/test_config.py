@@ -58,7 +58,6 @@ def test_overrides_are_typed():
         ("data.knn_monitor_every=-1", "data.knn_monitor_every must be >= 0"),
         ("loss.collapse_every=0", "loss.collapse_every must be >= 1"),
         ("loss.local_level_weight=-1", "loss.local_level_weight must be a finite number >= 0"),
-        ("loss.local_dense_weight=1 masking.local_mask_ratio=0", "set masking.local_mask_ratio > 0"),
         ("loss.image_weight=nan", "loss.image_weight must be a finite number >= 0"),
         ("loss.sigreg_weight=-0.1", "loss.sigreg_weight must be a finite number >= 0"),
         ("data.multicrop.global_crop_scale=[1.0,0.4]", "data.multicrop.global_crop_scale=[1.0, 0.4] must be"),

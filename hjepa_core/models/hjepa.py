@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
 from hjepa_core.data.multicrop_dataset import MultiCropBatch
 from hjepa_core.losses import prediction_loss, sigreg_loss, vicreg_loss
@@ -58,44 +57,6 @@ def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
 def _rows(x: Tensor, rows: list[int]) -> Tensor:
     """``x[rows]`` for a Python list of rows, without an index tensor (no host-to-device copy)."""
     return torch.stack([x[i] for i in rows])
-
-
-def _complement(keep: Tensor, cells: int) -> Tensor:
-    """(N, cells - K) sorted indices of the cells that ``keep`` (N, K) leaves out (static shape, no sync)."""
-    kept = torch.zeros(keep.shape[0], cells, dtype=torch.int32, device=keep.device).scatter_(1, keep, 1)
-    return torch.argsort(kept, dim=1, stable=True)[:, :cells - keep.shape[1]]
-
-
-def _features_over_cells(tokens: Tensor, boxes: Tensor, flips: Tensor, cells: Tensor) -> tuple[Tensor, Tensor]:
-    """A crop's target features averaged over cells given in the source frame (another crop's patches).
-
-    Args:
-        tokens: (N, T, D) a square grid of target tokens per crop.
-        boxes, flips: (N, 4) and (N,) that crop's source box and mirroring.
-        cells: (N, M, 4) source-frame cells (centre x, centre y, width, height), M per crop.
-    Returns:
-        (N, M, D) layer-normed bilinear averages of each cell's area on the crop's grid (RoIAlign,
-        He et al., 2017), and (N, M) bool: the cell's centre lies inside the crop.
-    """
-    n, t, d = tokens.shape
-    side = round(t**0.5)
-    x0, y0, x1, y1 = (boxes[:, i, None].float() for i in range(4))
-    u = (cells[..., 0] - x0) / (x1 - x0)
-    u = torch.where(flips[:, None].bool(), 1.0 - u, u)
-    v = (cells[..., 1] - y0) / (y1 - y0)
-    half_w, half_h = cells[..., 2] / (x1 - x0) / 2, cells[..., 3] / (y1 - y0) / 2
-    rois = torch.stack([u - half_w, v - half_h, u + half_w, v + half_h], dim=-1) * side
-    image = torch.arange(n, device=tokens.device, dtype=rois.dtype)[:, None, None].expand(n, cells.shape[1], 1)
-    grid = tokens.float().transpose(1, 2).reshape(n, d, side, side)
-    pooled = roi_align(grid, torch.cat([image, rois], dim=-1).flatten(0, 1), output_size=1,
-                       sampling_ratio=2, aligned=True)
-    inside = (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
-    return _layer_norm(pooled.view(n, -1, d)), inside
-
-
-def _global_rows(x: Tensor, n_g: int, b: int, repeat: int) -> Tensor:
-    """Rows of global crop ``j % n_g`` for each of ``repeat`` local crops j (crop-major batches of b)."""
-    return torch.cat([x[j % n_g * b:(j % n_g + 1) * b] for j in range(repeat)])
 
 
 def _key_valid(context: Tensor, queries: list[tuple[Tensor, int]], valid: list[Tensor | None]) -> Tensor | None:
@@ -129,8 +90,6 @@ class HJEPA(nn.Module):
         local_weight: weight of the local-crop terms (local -> image level; cross-crop prediction).
         local_level_weight: weight of each local crop predicting a global crop's masked target
             blocks at every level from the local crop alone (0 turns it off).
-        local_dense_weight: weight of each masked local crop predicting, from its kept patches,
-            the global crop's target features over the patches it dropped (0 turns it off).
         image_weight: weight of the image-level prediction from the global crops' contexts (each
             context predicts every global view's image-level target: cross-view when n_g >= 2).
         vicreg_weight: weight of VICReg on pooled context embeddings of two global views.
@@ -146,7 +105,6 @@ class HJEPA(nn.Module):
         loss_type: str = "smooth_l1",
         local_weight: float = 1.0,
         local_level_weight: float = 0.0,
-        local_dense_weight: float = 0.0,
         image_weight: float = 1.0,
         vicreg_weight: float = 0.0,
         sigreg_weight: float = 0.0,
@@ -160,7 +118,6 @@ class HJEPA(nn.Module):
         self.loss_type = loss_type
         self.local_weight = local_weight
         self.local_level_weight = local_level_weight
-        self.local_dense_weight = local_dense_weight
         self.image_weight = image_weight
         self.vicreg_weight = vicreg_weight
         self.sigreg_weight = sigreg_weight
@@ -210,7 +167,7 @@ class HJEPA(nn.Module):
         local_crops = batch.crops[n_g:]
         local_boxes, local_flips = batch.boxes[n_g:], batch.flips[n_g:]
         encoded_roles = [i for i, r in enumerate(masks.local_roles) if r in (LOCAL_CONTEXT, LOCAL_UNMASKED)]
-        local_tokens = local_positions = dense = None
+        local_tokens = local_positions = None
         if encoded_roles:
             local_tokens = self.encoder(torch.cat([local_crops[i] for i in encoded_roles]), masks.local_keep)
             local_positions = source_positions(
@@ -218,9 +175,6 @@ class HJEPA(nn.Module):
                 masks.local_grid,
             )
             if masks.local_keep is not None:
-                if self.local_dense_weight > 0:
-                    dropped = _gather_tokens(local_positions, _complement(masks.local_keep, masks.local_grid**2))
-                    dense = (dropped, *self._dense_targets(level_targets[0], boxes, flips, dropped, n_g, b))
                 local_positions = _gather_tokens(local_positions, masks.local_keep)
             context_roles = [j for j, i in enumerate(encoded_roles) if masks.local_roles[i] == LOCAL_CONTEXT]
             if context_roles:
@@ -270,7 +224,7 @@ class HJEPA(nn.Module):
 
         if local_tokens is not None and local_positions is not None:
             total = total + self._local_loss(local_tokens, local_positions, queries[:levels], answers[:levels],
-                                             valid[:levels], image_queries, image_targets, dense, n_g, b, parts)
+                                             valid[:levels], image_queries, image_targets, n_g, b, parts)
         pooled_context = context.float().mean(dim=1) if self.vicreg_weight > 0 or self.sigreg_weight > 0 else None
         if pooled_context is not None and self.vicreg_weight > 0 and n_g >= 2:
             parts["loss/vicreg"] = vicreg_loss(pooled_context[:b], pooled_context[b:2 * b])
@@ -284,51 +238,34 @@ class HJEPA(nn.Module):
 
     def _local_loss(self, tokens: Tensor, positions: Tensor, level_queries: list[tuple[Tensor, int]],
                     level_answers: list[tuple[str, float, Tensor]], level_valid: list[Tensor | None],
-                    image_queries: Tensor, image_targets: Tensor, dense: tuple[Tensor, Tensor, Tensor] | None,
-                    n_g: int, b: int, parts: dict[str, Tensor]) -> Tensor:
+                    image_queries: Tensor, image_targets: Tensor, n_g: int, b: int,
+                    parts: dict[str, Tensor]) -> Tensor:
         """The encoded local crops, each alone as context, predict their image's image-level targets
-        (``loss/local``); with ``local_level_weight > 0``, the masked target blocks of global crop
-        ``j % n_g`` at every level (``loss/local_levels``); and with ``local_dense_weight > 0``
-        (``dense``: the dropped patches' positions, targets and validity), the global crop's target
-        features over the local crop's own dropped patches (``loss/local_dense``). Both are masked
-        prediction tasks across views and scales that reuse the global crop's target features, so
-        their only cost is the local crop's own encoding (the multi-crop idea of Caron et al. 2020,
-        in JEPA form)."""
+        (``loss/local``) and, with ``local_level_weight > 0``, the masked target blocks of global crop
+        ``j % n_g`` at every level (``loss/local_levels``): a masked prediction task across views and
+        scales that reuses the global crop's target features, so its only cost is the local crop's
+        own encoding (the multi-crop idea of Caron et al. 2020, in JEPA form)."""
         repeat = tokens.shape[0] // b
         queries = [(image_queries.repeat(repeat, 1, 1), self.image_level)]
         targets = [image_targets.repeat(repeat, 1, 1)]
         masks: list[Tensor | None] = [None]
         if self.local_level_weight > 0:
-            queries += [(_global_rows(level_positions, n_g, b, repeat), k) for level_positions, k in level_queries]
-            targets += [_global_rows(level_targets, n_g, b, repeat) for _, _, level_targets in level_answers]
-            masks += [None if v is None else _global_rows(v, n_g, b, repeat) for v in level_valid]
-        spatial = slice(1, len(queries))
-        if dense is not None:
-            queries.append((dense[0], 0))
-            masks.append(None)  # dense queries outside the global crop still attend; only the loss skips them
+            def global_rows(x: Tensor) -> Tensor:  # rows of global crop j % n_g for local crop j
+                return torch.cat([x[j % n_g * b:(j % n_g + 1) * b] for j in range(repeat)])
+
+            queries += [(global_rows(level_positions), k) for level_positions, k in level_queries]
+            targets += [global_rows(level_targets) for _, _, level_targets in level_answers]
+            masks += [None if v is None else global_rows(v) for v in level_valid]
         predictions = self.predictor(tokens, positions, queries, _key_valid(tokens, queries, masks))
         parts["loss/local"] = prediction_loss(predictions[0], targets[0], self.loss_type)
         total = self.local_weight * parts["loss/local"]
         if self.local_level_weight > 0:
             weights = [weight for _, weight, _ in level_answers]
-            level_losses = [w * prediction_loss(p, t, self.loss_type, m) for w, p, t, m in
-                            zip(weights, predictions[spatial], targets[1:], masks[spatial], strict=True)]
+            level_losses = [w * prediction_loss(p, t, self.loss_type, m)
+                            for w, p, t, m in zip(weights, predictions[1:], targets[1:], masks[1:], strict=True)]
             parts["loss/local_levels"] = functools.reduce(operator.add, level_losses) / sum(weights)
             total = total + self.local_level_weight * parts["loss/local_levels"]
-        if dense is not None:
-            parts["loss/local_dense"] = prediction_loss(predictions[-1], dense[1], self.loss_type, dense[2])
-            total = total + self.local_dense_weight * parts["loss/local_dense"]
         return total
-
-    @staticmethod
-    @torch.no_grad()
-    def _dense_targets(fine_targets: Tensor, boxes: Tensor, flips: Tensor, cells: Tensor, n_g: int,
-                       b: int) -> tuple[Tensor, Tensor]:
-        """Targets of the local crops' dropped patches: global crop ``j % n_g``'s fine target features
-        averaged over each patch's source-frame area, and whether the patch lies inside that crop."""
-        repeat = cells.shape[0] // b
-        return _features_over_cells(_global_rows(fine_targets, n_g, b, repeat), _global_rows(boxes, n_g, b, repeat),
-                                    _global_rows(flips, n_g, b, repeat), cells)
 
     @staticmethod
     def _image_level(target_tokens: Tensor, boxes: Tensor, flips: Tensor, n_g: int, b: int) -> tuple[Tensor, Tensor]:
@@ -365,7 +302,6 @@ def build_hjepa(config) -> HJEPA:
         loss_type=config.loss.type,
         local_weight=config.loss.local_weight,
         local_level_weight=config.loss.local_level_weight,
-        local_dense_weight=config.loss.local_dense_weight,
         image_weight=config.loss.image_weight,
         vicreg_weight=config.loss.vicreg_weight,
         sigreg_weight=config.loss.sigreg_weight,

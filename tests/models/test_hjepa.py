@@ -4,13 +4,11 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from hjepa_core.config import load_config
 from hjepa_core.data import build_multicrop_dataloader, build_multicrop_dataset
 from hjepa_core.masks import MASKING_STRATEGIES, HierarchicalMasks
 from hjepa_core.models import build_hjepa, source_positions
-from hjepa_core.models.hjepa import _complement, _features_over_cells
 from tests.tiny import TINY_OVERRIDES
 
 
@@ -157,45 +155,6 @@ def test_local_level_prediction_uses_the_global_level_targets():
     model.local_level_weight = 0.0
     assert "loss/local_levels" not in model(batch).parts
     assert not torch.allclose(with_levels, encoder_grad(model, batch))
-
-
-def test_complement_lists_the_dropped_cells_in_order():
-    keep = torch.tensor([[0, 2, 5], [1, 3, 4]])
-    assert _complement(keep, 6).tolist() == [[1, 3, 4], [0, 2, 5]]
-
-
-def test_cells_are_averaged_over_the_crop_grid_they_cover():
-    """``_features_over_cells`` inverts ``source_positions``: the source-frame cells of a crop's own
-    2x2 blocks (mirrored and offset boxes) average exactly the patches a level-1 target pools;
-    cells off the crop are flagged."""
-    torch.manual_seed(0)
-    tokens = torch.randn(2, 16, 8)
-    boxes = torch.tensor([[0.2, 0.1, 0.8, 0.9], [0.0, 0.3, 0.5, 0.7]])
-    flips = torch.tensor([True, False])
-    pooled, inside = _features_over_cells(tokens, boxes, flips, source_positions(boxes, flips, side=4, cell=2))
-    grid = tokens.transpose(1, 2).reshape(2, 8, 4, 4)
-    torch.testing.assert_close(pooled, F.layer_norm(F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2), (8,)))
-    assert inside.all()
-    off_crop = torch.tensor([[[0.95, 0.5, 0.1, 0.1]], [[0.25, 0.2, 0.1, 0.1]]])
-    assert not _features_over_cells(tokens, boxes, flips, off_crop)[1].any()
-
-
-def test_local_dense_prediction_is_a_loss_term_on_the_global_targets():
-    """``loss.local_dense_weight``: each masked local crop predicts the global crop's target features
-    over its dropped patches; the term changes the encoder's gradient and depends on the global crop."""
-    cfg = tiny_config("global_only", "masking.local_mask_ratio=0.5", "loss.local_dense_weight=1.0")
-    torch.manual_seed(0)
-    model = build_hjepa(cfg)
-    batch = first_batch(cfg)
-    base = model(batch).parts["loss/local_dense"]
-    assert torch.isfinite(base)
-    other_global = copy.copy(batch)
-    other_global.crops = [torch.randn_like(batch.crops[0]), *batch.crops[1:]]
-    assert not torch.allclose(model(other_global).parts["loss/local_dense"], base)
-    with_dense = encoder_grad(model, batch)
-    model.local_dense_weight = 0.0
-    assert "loss/local_dense" not in model(batch).parts
-    assert not torch.allclose(with_dense, encoder_grad(model, batch))
 
 
 def test_sigreg_term_regularises_the_context_encoder():
