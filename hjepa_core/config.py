@@ -97,6 +97,7 @@ class MaskingConfig:
     context_scale: tuple[float, float] = (0.85, 1.0)
     min_context_patches: int = 4
     local_mask_ratio: float = 0.0
+    cross_crop_target_fraction: float = 0.5
 
 
 @dataclass
@@ -238,9 +239,14 @@ class Config:
             )
         if self.data.use_multicrop and self.masking.strategy == "cross_crop_prediction":
             fewest = mc.min_local_crops if mc.adaptive else mc.num_local_crops
-            if fewest < 2:
-                raise ConfigError("masking.strategy=cross_crop_prediction needs at least 2 local crops "
-                                  "(data.multicrop.num_local_crops or min_local_crops)")
+            fraction = self.masking.cross_crop_target_fraction
+            if not 0.0 < fraction <= 1.0:
+                raise ConfigError(f"masking.cross_crop_target_fraction must be in (0, 1], got {fraction}")
+            if int(fewest * fraction) < 1:
+                raise ConfigError(f"masking.strategy=cross_crop_prediction makes int(local crops x "
+                                  f"masking.cross_crop_target_fraction) = int({fewest} x {fraction}) of them targets: "
+                                  "use more local crops (data.multicrop.num_local_crops or min_local_crops) "
+                                  "or a larger fraction")
         if len(self.loss.hierarchy_weights) != self.masking.num_hierarchies:
             raise ConfigError(
                 f"loss.hierarchy_weights has {len(self.loss.hierarchy_weights)} entries but "
@@ -362,6 +368,7 @@ class Config:
             context_scale=mk.context_scale,
             min_context_patches=mk.min_context_patches,
             local_mask_ratio=mk.local_mask_ratio,
+            cross_crop_target_fraction=mk.cross_crop_target_fraction,
             pad_targets=self.training.compile,  # static shapes only where a compiler needs them
             seed=seed,
         )

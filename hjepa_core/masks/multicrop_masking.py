@@ -26,14 +26,15 @@ MASKING_STRATEGIES = ("global_only", "global_with_local_context", "cross_crop_pr
 LOCAL_UNMASKED, LOCAL_CONTEXT, LOCAL_TARGET = "unmasked", "context", "target"
 
 
-def local_roles(strategy: str, num_local_crops: int) -> tuple[str, ...]:
-    """The role of each local crop under ``strategy``."""
+def local_roles(strategy: str, num_local_crops: int, target_fraction: float = 0.5) -> tuple[str, ...]:
+    """The role of each local crop under ``strategy``; under ``cross_crop_prediction`` the first
+    ``int(num_local_crops * target_fraction)`` crops are targets."""
     if strategy == "global_only":
         return (LOCAL_UNMASKED,) * num_local_crops
     if strategy == "global_with_local_context":
         return (LOCAL_CONTEXT,) * num_local_crops
     if strategy == "cross_crop_prediction":
-        n_target = num_local_crops // 2
+        n_target = int(num_local_crops * target_fraction)
         return (LOCAL_TARGET,) * n_target + (LOCAL_CONTEXT,) * (num_local_crops - n_target)
     raise MaskConfigError(
         f"unknown masking_strategy {strategy!r}; choose one of {', '.join(MASKING_STRATEGIES)}"
@@ -103,20 +104,23 @@ class MultiCropMaskGenerator:
         aspect_ratio_range: tuple[float, float] = (0.75, 1.5),
         patch_size: int = 16,
         local_mask_ratio: float = 0.0,
+        cross_crop_target_fraction: float = 0.5,
         seed: int | None = None,
         **kwargs,
     ) -> None:
-        local_roles(masking_strategy, num_local_crops)
+        local_roles(masking_strategy, num_local_crops, cross_crop_target_fraction)
         if not 0.0 <= local_mask_ratio < 1.0:
             raise MaskConfigError(f"local_mask_ratio must be in [0, 1), got {local_mask_ratio}")
         if local_crop_size % patch_size:
             raise MaskConfigError(
                 f"local_crop_size {local_crop_size} is not divisible by patch_size {patch_size}"
             )
-        if masking_strategy == "cross_crop_prediction" and num_local_crops < 2:
+        if not 0.0 < cross_crop_target_fraction <= 1.0:
+            raise MaskConfigError(f"cross_crop_target_fraction must be in (0, 1], got {cross_crop_target_fraction}")
+        if masking_strategy == "cross_crop_prediction" and int(num_local_crops * cross_crop_target_fraction) < 1:
             raise MaskConfigError(
-                "cross_crop_prediction needs num_local_crops >= 2 (half targets, half context); "
-                f"got {num_local_crops}"
+                f"cross_crop_prediction with cross_crop_target_fraction={cross_crop_target_fraction} makes no "
+                f"local crop a target with num_local_crops={num_local_crops}: use more local crops or a larger fraction"
             )
         if num_global_crops < 1:
             raise MaskConfigError(f"num_global_crops must be >= 1, got {num_global_crops}")
@@ -138,6 +142,7 @@ class MultiCropMaskGenerator:
         local_patches = (local_crop_size // patch_size) ** 2
         self.local_keep_count = max(1, round(local_patches * (1.0 - local_mask_ratio)))
         self.local_mask_ratio = local_mask_ratio
+        self.cross_crop_target_fraction = cross_crop_target_fraction
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     @property
@@ -156,7 +161,7 @@ class MultiCropMaskGenerator:
         # One draw for all global crops: equal context sizes, so the model encodes every
         # global crop in one batched call.
         joint = self.global_generator(batch_size * self.num_global_crops, generator)
-        roles = local_roles(self.masking_strategy, n_local)
+        roles = local_roles(self.masking_strategy, n_local, self.cross_crop_target_fraction)
         local_grid = self.local_crop_size // self.patch_size
         encoded = sum(role != LOCAL_TARGET for role in roles)
         local_keep = None

@@ -36,6 +36,7 @@ def test_roles_per_strategy() -> None:
     assert local_roles("global_with_local_context", 2) == ("context",) * 2
     assert local_roles("cross_crop_prediction", 6) == ("target",) * 3 + ("context",) * 3
     assert local_roles("cross_crop_prediction", 5) == ("target",) * 2 + ("context",) * 3
+    assert local_roles("cross_crop_prediction", 2, target_fraction=1.0) == ("target",) * 2
     with pytest.raises(MaskConfigError, match="masking_strategy"):
         local_roles("random", 6)
 
@@ -107,6 +108,9 @@ def test_to_device_keeps_roles() -> None:
     ("kwargs", "name"),
     [({"masking_strategy": "everything"}, "masking_strategy"),
      ({"masking_strategy": "cross_crop_prediction", "num_local_crops": 1}, "num_local_crops"),
+     ({"masking_strategy": "cross_crop_prediction", "num_local_crops": 2, "cross_crop_target_fraction": 0.4},
+      "num_local_crops"),
+     ({"cross_crop_target_fraction": 0.0}, "cross_crop_target_fraction"),
      ({"local_crop_size": 100}, "local_crop_size"),
      ({"global_crop_size": 200}, "patch_size"),
      ({"num_global_crops": 0}, "num_global_crops"),

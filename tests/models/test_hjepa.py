@@ -157,6 +157,22 @@ def test_local_level_prediction_uses_the_global_level_targets():
     assert not torch.allclose(with_levels, encoder_grad(model, batch))
 
 
+def test_target_only_local_crops_are_predicted_and_not_encoded():
+    """``masking.cross_crop_target_fraction=1``: every local crop is a target of the global context,
+    so they shape the gradient through their target features only (no local context term)."""
+    cfg = tiny_config("cross_crop_prediction", "masking.cross_crop_target_fraction=1.0")
+    torch.manual_seed(0)
+    model = build_hjepa(cfg)
+    batch = first_batch(cfg)
+    out = model(batch)
+    assert torch.isfinite(out.parts["loss/cross_crop"]) and "loss/local" not in out.parts
+    base = encoder_grad(model, batch)
+    changed = copy.copy(batch)
+    n_g = batch.num_global_crops
+    changed.crops = [*batch.crops[:n_g], *(torch.randn_like(c) for c in batch.crops[n_g:])]
+    assert not torch.allclose(base, encoder_grad(model, changed))
+
+
 def test_sigreg_term_regularises_the_context_encoder():
     """``loss.sigreg_weight``: SIGReg on the pooled context embeddings is a loss part and changes
     the encoder's gradient; 0 leaves it out."""
