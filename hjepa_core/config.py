@@ -237,16 +237,12 @@ class Config:
             raise ConfigError(
                 f"masking.strategy={self.masking.strategy!r} is not one of {', '.join(MASKING_STRATEGIES)}"
             )
-        if self.data.use_multicrop and self.masking.strategy == "cross_crop_prediction":
-            fewest = mc.min_local_crops if mc.adaptive else mc.num_local_crops
-            fraction = self.masking.cross_crop_target_fraction
-            if not 0.0 < fraction <= 1.0:
-                raise ConfigError(f"masking.cross_crop_target_fraction must be in (0, 1], got {fraction}")
-            if int(fewest * fraction) < 1:
-                raise ConfigError(f"masking.strategy=cross_crop_prediction makes int(local crops x "
-                                  f"masking.cross_crop_target_fraction) = int({fewest} x {fraction}) of them targets: "
-                                  "use more local crops (data.multicrop.num_local_crops or min_local_crops) "
-                                  "or a larger fraction")
+        fraction = self.masking.cross_crop_target_fraction  # its range: the mask generator's check below
+        fewest = mc.min_local_crops if mc.adaptive else mc.num_local_crops
+        if self.data.use_multicrop and self.masking.strategy == "cross_crop_prediction" and int(fewest * fraction) < 1:
+            raise ConfigError(f"masking.strategy=cross_crop_prediction makes int({fewest} local crops x masking."
+                              f"cross_crop_target_fraction {fraction}) = 0 of them targets: use more local crops "
+                              "(data.multicrop.num_local_crops or min_local_crops) or a larger fraction")
         if len(self.loss.hierarchy_weights) != self.masking.num_hierarchies:
             raise ConfigError(
                 f"loss.hierarchy_weights has {len(self.loss.hierarchy_weights)} entries but "
@@ -268,8 +264,7 @@ class Config:
             if getattr(t, key) < 1:
                 raise ConfigError(f"training.{key} must be >= 1, got {getattr(t, key)}")
         if t.time_budget_s is not None and not t.time_budget_s > 0:
-            raise ConfigError(f"training.time_budget_s must be > 0 seconds (or null for an epoch schedule), "
-                              f"got {t.time_budget_s}")
+            raise ConfigError(f"training.time_budget_s must be > 0 s (null: epoch schedule), got {t.time_budget_s}")
         if not (math.isfinite(t.lr) and t.lr > 0):
             raise ConfigError(f"training.lr must be a finite number > 0 (e.g. training.lr=1.5e-4), got {t.lr}")
         if not (math.isfinite(t.min_lr) and t.min_lr >= 0):
@@ -286,8 +281,7 @@ class Config:
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0 (0: {zero}), got {value}")
         if self.data.on_corrupt not in ("skip", "fail"):
-            raise ConfigError(f"data.on_corrupt={self.data.on_corrupt!r} must be 'skip' (count and report "
-                              "corrupt shards) or 'fail'")
+            raise ConfigError(f"data.on_corrupt={self.data.on_corrupt!r}: use 'skip' (count corrupt shards) or 'fail'")
         if not 0.0 <= self.data.max_corrupt_fraction <= 1.0:
             raise ConfigError(f"data.max_corrupt_fraction must be in [0, 1], got {self.data.max_corrupt_fraction}")
         if not (math.isfinite(self.tracking.timeout_s) and self.tracking.timeout_s > 0):
@@ -303,7 +297,6 @@ class Config:
         if not 0.0 <= t.ema_momentum <= t.ema_momentum_end <= 1.0:
             raise ConfigError("need 0 <= training.ema_momentum <= training.ema_momentum_end <= 1")
         from hjepa_core.models.vit import resolve_encoder_size
-
         try:
             resolve_encoder_size(m)
         except ValueError as exc:
