@@ -7,9 +7,9 @@ crops do depends on the strategy:
   global views (local -> global representation prediction).
 * ``global_with_local_context``: as above, and their tokens also join the predictor's
   context when it predicts the global crops' targets (multi-scale fusion).
-* ``cross_crop_prediction``: the first half of the local crops are prediction targets (their
-  target features are predicted from a global crop's context at their source-frame
-  positions); the other half are context.
+* ``cross_crop_prediction``: the first half (``cross_crop_target_fraction``) of the local crops
+  are prediction targets (their target features are predicted from a global crop's context at
+  their source-frame positions); the others are context.
 """
 
 from __future__ import annotations
