@@ -35,7 +35,7 @@ from hjepa_core.models import build_hjepa
 from hjepa_core.train.device import compile_modules
 from hjepa_core.train.engine import autocast_dtype
 from hjepa_core.train.optim import build_optimizer, set_schedule
-from hjepa_core.utils import atomic_write_text
+from hjepa_core.utils import atomic_write_text, split_overrides
 
 SINGLE = "single_crop"
 DEFAULT_VARIANTS = {
@@ -88,7 +88,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     name, sep, overrides = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=key=value,key=value; got {text!r}")
-    return name, [o for o in overrides.split(",") if o]
+    return name, split_overrides(overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

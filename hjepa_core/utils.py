@@ -246,3 +246,9 @@ def as_pair(values: Sequence[float]) -> tuple[float, float]:
     """``[low, high]`` (a list from YAML, or a tuple) as a ``(low, high)`` tuple; other lengths raise."""
     low, high = values
     return low, high
+
+
+def split_overrides(text: str) -> list[str]:
+    """``"a.b=1,c=[0.2,0.6]"`` -> ``["a.b=1", "c=[0.2,0.6]"]``: splits a comma-joined list of
+    ``key=value`` overrides only before the next key, so commas inside values are kept."""
+    return [part for part in re.split(r",(?=[A-Za-z_][\w.]*=)", text) if part]

@@ -16,6 +16,7 @@ from hjepa_core.utils import (
     make_dirs,
     redact_url,
     run_lock,
+    split_overrides,
 )
 
 
@@ -112,3 +113,10 @@ def test_outputs_are_0644_and_folders_0755_whatever_the_umask(tmp_path, strict_u
 ])
 def test_urls_lose_their_credentials(url, shown):
     assert redact_url(url) == shown
+
+
+def test_split_overrides_keeps_commas_inside_values() -> None:
+    text = "masking.context_scale=[0.45,0.6],data.use_multicrop=false,loss.hierarchy_weights=[1.0, 0.5]"
+    assert split_overrides(text) == [
+        "masking.context_scale=[0.45,0.6]", "data.use_multicrop=false", "loss.hierarchy_weights=[1.0, 0.5]"]
+    assert split_overrides("") == []

@@ -50,7 +50,7 @@ from hjepa_core.config import load_config
 from hjepa_core.models.vit import build_encoder
 from hjepa_core.train import train
 from hjepa_core.train.checkpoint import list_checkpoints
-from hjepa_core.utils import atomic_write_text
+from hjepa_core.utils import atomic_write_text, split_overrides
 
 CONFIG = "configs/fashion_mnist.yaml"
 SINGLE, LIGHTLY, RANDOM, PIXELS = "single_crop", "lightly_ijepa", "random_init", "raw_pixels"
@@ -90,7 +90,7 @@ def parse_extra(text: str) -> tuple[str, list[str]]:
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
         raise argparse.ArgumentTypeError(f"--extra {text!r}: expected NAME=key=value[,key=value...]")
-    return name, re.split(r",(?=[A-Za-z_][\w.]*=)", rest)
+    return name, split_overrides(rest)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
