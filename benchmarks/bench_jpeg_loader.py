@@ -226,6 +226,7 @@ LABELS = {
 
 def markdown(report: dict) -> str:
     machine, loader = report["machine"], report["loader"]["results"]
+    busy = machine["load_average_1m_at_start"] >= 1.0  # another process held a core before this one started
     lines = [
         "# Photo-JPEG loader benchmark: ours vs lightly's DINOTransform",
         "",
@@ -234,7 +235,7 @@ def markdown(report: dict) -> str:
         "time (what the work costs a core it has to itself) and by the wall clock. / lightly: "
         "against lightly with bilinear crops (the same work as ours_cpu). Machine: "
         f"{machine['cpu']}, "
-        f"{machine['cores']} cores **shared with other work** (load average "
+        f"{machine['cores']} cores{' **shared with other work**' if busy else ''} (load average "
         f"{machine['load_average_1m_at_start']:.1f} at start, "
         f"{machine['load_average_1m_at_end']:.1f} at end): trust the ratios more than the "
         "absolute numbers.",
