@@ -53,13 +53,13 @@ from pathlib import Path
 
 import torch
 from quality.lightly_ijepa import LightlyIJEPA  # benchmarks/quality/, shared with the quality benchmark
-from torch.utils.flop_counter import FlopCounterMode
 
 from hjepa_core.config import Config, load_config
 from hjepa_core.data.multicrop_dataset import MultiCropBatch
 from hjepa_core.masks import MultiCropMasks
 from hjepa_core.models import build_hjepa
 from hjepa_core.models.hjepa import HJEPA
+from hjepa_core.models.layers import flop_counter
 from hjepa_core.train.device import compile_modules
 from hjepa_core.train.optim import build_optimizer, set_schedule
 
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
     # speed ratio is less work.
     flops = {}
     for name, c in contenders.items():
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             for i in range(args.warmup):
                 c.loss_of(i).backward()
         c.optimizer.zero_grad(set_to_none=True)

@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from hjepa_core.config import load_config
 from hjepa_core.data.multicrop_dataset import MultiCropBatch
 from hjepa_core.data.multicrop_transforms import build_multicrop_transform
 from hjepa_core.models import build_hjepa
+from hjepa_core.models.layers import flop_counter
 from hjepa_core.train.optim import build_optimizer
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -89,7 +89,7 @@ def measure(encoder: str, batch_size: int, steps: int, compile_model: bool, devi
     warmup_s = time.perf_counter() - compile_start
     flops = None
     if not compile_model:
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = model(batches[0]).loss
             loss.backward()

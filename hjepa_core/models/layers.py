@@ -12,8 +12,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.layers import AttentionRope, DropPath, Mlp, RotaryEmbeddingCat
+from timm.layers import AttentionRope, DropPath, Mlp, RotaryEmbeddingCat, apply_rot_embed_cat
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def sincos_embed(coords: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
@@ -89,6 +90,19 @@ class Block(nn.Module):
         x = x + self.drop_path(self.attn(self.norm1(x), rope, attn_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
+    def _attend(self, x: Tensor, rope: Tensor | None, attn_mask: Tensor | None, start: int = 0) -> Tensor:
+        """Multi-head attention of the normed tokens ``x`` for query rows ``start:``, before the
+        output projection: (N, T - start, D). Every row serves as a key and value."""
+        attn = self.attn
+        b, n, _ = x.shape
+        qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if rope is not None:
+            q = apply_rot_embed_cat(q, rope, half=True)
+            k = apply_rot_embed_cat(k, rope, half=True)
+        out = F.scaled_dot_product_attention(q[:, :, start:], k, v, attn_mask=attn_mask)
+        return attn.norm(out.transpose(1, 2).reshape(b, n - start, attn.attn_dim))
+
     def forward_rows_from(self, x: Tensor, start: int, attn_mask: Tensor | None = None) -> Tensor:
         """The block's output for rows ``start:`` only; every row still serves as a key and value.
 
@@ -96,14 +110,50 @@ class Block(nn.Module):
         attention output, projection and MLP are skipped, ~20% of a narrow predictor's last-block
         FLOPs at I-JEPA's context / target ratio. Equals ``self(x, None, attn_mask)[:, start:]``.
         """
-        attn = self.attn
-        b, n, _ = x.shape
-        qkv = attn.qkv(self.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        out = F.scaled_dot_product_attention(q[:, :, start:], k, v, attn_mask=attn_mask)
-        out = attn.proj(attn.norm(out.transpose(1, 2).reshape(b, n - start, attn.attn_dim)))
+        out = self.attn.proj(self._attend(self.norm1(x), None, attn_mask, start))
         x = x[:, start:] + self.drop_path(out)
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    @torch.no_grad()
+    def forward_inference_(self, x: Tensor, rope: Tensor | None = None) -> Tensor:
+        """``self(x, rope)`` in eval mode without autograd, computed in ``x``'s own memory.
+
+        The output projections accumulate straight into the residual stream (``addmm_``) and GELU
+        runs in place, so a block allocates no fresh (N, T, D) residual buffers and no second
+        (N, T, 4D) hidden buffer. First touches of fresh memory are a CPU step's hidden cost: the
+        no-grad EMA target encoder over full images paid ~5% of an I-JEPA step in them
+        (``benchmarks/README.md``, "Training step"). Used by :class:`VisionTransformer` for the
+        target encoder and feature extraction; ``x`` must be contiguous and is overwritten.
+        """
+        if self.training:
+            raise RuntimeError("forward_inference_ is for eval mode (no stochastic depth)")
+        d = x.shape[-1]
+        stream = x.view(-1, d)
+        attended = self._attend(self.norm1(x), rope, None)
+        _add_linear_(stream, attended.view(-1, d), self.attn.proj)
+        hidden = self.mlp.fc1(self.norm2(x))
+        torch.ops.aten.gelu_(hidden)
+        assert isinstance(self.mlp.fc2, nn.Linear)  # timm's Mlp without use_conv
+        _add_linear_(stream, hidden.view(-1, hidden.shape[-1]), self.mlp.fc2)
+        return x
+
+
+def _add_linear_(stream: Tensor, inputs: Tensor, linear: nn.Linear) -> None:
+    """``stream += linear(inputs)`` for 2-D ``stream`` and ``inputs``, in one in-place GEMM."""
+    stream.addmm_(inputs, linear.weight.t())
+    if linear.bias is not None:
+        stream.add_(linear.bias)
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter that also counts the in-place GEMMs of :meth:`Block.forward_inference_`
+    (``addmm_``, which ``FlopCounterMode`` does not know): the benchmarks' model FLOPs."""
+
+    def addmm_flops(self_shape: tuple[int, ...], a_shape: tuple[int, ...], b_shape: tuple[int, ...], *args: object,
+                    **kwargs: object) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flops})
 
 
 def init_weights(module: nn.Module) -> None:

@@ -121,6 +121,13 @@ class VisionTransformer(nn.Module):
         proj = self.patch_embed.proj
         return self.patch_embed.norm(F.linear(kept, proj.weight.flatten(1), proj.bias))
 
+    def _in_place_inference(self, x: Tensor) -> bool:
+        """Whether the blocks may run :meth:`Block.forward_inference_`: eval mode without autograd
+        (the EMA target encoder, feature extraction), eager (inductor fuses the plain path itself)
+        and without autocast (the in-place sums keep the residual stream's dtype)."""
+        return (not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled(x.device.type))
+
     def forward(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
         """Encodes images, optionally keeping only some patches.
 
@@ -143,6 +150,12 @@ class VisionTransformer(nn.Module):
             rope = None if rope is None else rope[keep][:, None]
         if table is not None:
             x = x + table.to(x.dtype)
+        if self._in_place_inference(x):
+            x = x.contiguous()  # a fresh tensor of this forward's own: the blocks overwrite it
+            for block in self.blocks:
+                assert isinstance(block, Block)
+                x = block.forward_inference_(x, rope)
+            return self.norm(x)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, rope, use_reentrant=False)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hjepa_core.models.layers import sincos_embed
+from hjepa_core.models.layers import flop_counter, sincos_embed
 from hjepa_core.models.vit import VisionTransformer
 
 
@@ -66,3 +66,32 @@ def test_sincos_embedding_distinguishes_positions():
     table = sincos_embed(coords, 16)
     assert table.shape == (4, 16)
     assert torch.cdist(table, table).triu(1)[torch.ones(4, 4).triu(1).bool()].min() > 0.1
+
+
+@pytest.mark.parametrize("use_rope", [False, True])
+def test_no_grad_eval_forward_runs_in_place_and_matches_the_autograd_forward(use_rope):
+    """Without autograd in eval mode (the EMA target encoder, feature extraction) the blocks
+    accumulate into the residual stream in place: same tokens as the autograd path, the caller's
+    images untouched, and train mode or autograd still take the plain path."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(patch_size=4, embed_dim=32, depth=3, num_heads=2, use_rope=use_rope).eval()
+    images = torch.randn(3, 3, 16, 16)
+    keep = torch.tensor([[0, 3, 7, 9], [1, 2, 15, 4], [5, 6, 8, 10]])
+    before = images.clone()
+    for kept in (None, keep):
+        expected = vit(images, kept)
+        assert expected.requires_grad  # the autograd path
+        with torch.no_grad():
+            assert vit._in_place_inference(images)
+            torch.testing.assert_close(vit(images, kept), expected.detach(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(images, before)
+    counts = []
+    for grad in (True, False):  # the benchmarks' model FLOPs count the in-place GEMMs too
+        with flop_counter() as counter, torch.set_grad_enabled(grad):
+            vit(images)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
+    with torch.no_grad():
+        assert not vit.train()._in_place_inference(images)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        vit.blocks[0].forward_inference_(torch.randn(1, 4, 32))
