@@ -77,7 +77,7 @@ class DataConfig:
     max_samples: int | None = None
     use_multicrop: bool = True
     multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
-    num_workers: int = 4
+    num_workers: int | None = None  # null: none on CPU, a share of the cores per GPU (auto_num_workers)
     pin_memory: bool = True
     knn_monitor_every: int = 0
     on_corrupt: str = "skip"  # corrupt shards/samples: skip them (counted, reported) or fail the run
@@ -276,7 +276,7 @@ class Config:
             if value is not None and value < 1:
                 raise ConfigError(f"{key} must be >= 1 (or null for no limit), got {value}")
         for key, value, zero in (("training.checkpoint_every_steps", t.checkpoint_every_steps, "only at the end"),
-                                 ("data.num_workers", self.data.num_workers, "load in the main process"),
+                                 ("data.num_workers", self.data.num_workers or 0, "load in the main process"),
                                  ("data.knn_monitor_every", self.data.knn_monitor_every, "no monitor")):
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0 (0: {zero}), got {value}")

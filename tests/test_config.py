@@ -33,6 +33,12 @@ def test_overrides_are_typed():
     assert cfg.crops.num_local_crops == 0 and cfg.crops.num_global_crops == 1
 
 
+def test_num_workers_defaults_to_auto_and_takes_an_integer_or_null():
+    assert load_config("configs/fashion_mnist.yaml").data.num_workers is None
+    assert load_config(None, ["data.num_workers=3"]).data.num_workers == 3
+    assert load_config("configs/multicrop_training.yaml", ["data.num_workers=null"]).data.num_workers is None
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

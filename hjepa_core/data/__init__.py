@@ -7,6 +7,7 @@ from hjepa_core.data.multicrop_dataset import (
     MultiCropDataset,
     MultiCropDatasetRaw,
     SeededBatchSampler,
+    auto_num_workers,
     build_multicrop_dataloader,
     build_multicrop_dataset,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "MultiCropSample",
     "MultiCropTransform",
     "SeededBatchSampler",
+    "auto_num_workers",
     "build_multicrop_dataloader",
     "build_multicrop_dataset",
     "build_multicrop_transform",

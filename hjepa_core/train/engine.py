@@ -28,6 +28,7 @@ from hjepa_core.config import Config, ConfigError
 from hjepa_core.data.multicrop_dataset import (
     MultiCropBatch,
     SeededBatchSampler,
+    auto_num_workers,
     build_multicrop_dataloader,
     build_multicrop_dataset,
 )
@@ -166,7 +167,8 @@ class Trainer:
         self.loader = build_multicrop_dataloader(
             self.dataset,
             batch_size=t.batch_size,
-            num_workers=config.data.num_workers,
+            num_workers=(config.data.num_workers if config.data.num_workers is not None
+                         else auto_num_workers(self.device.type)),
             seed=t.seed,
             mask_generator=config.build_mask_generator(),
             defer_photometric=self.device.type == "cuda",

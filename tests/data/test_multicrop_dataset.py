@@ -15,6 +15,7 @@ from hjepa_core.data import (
     MultiCropDataset,
     MultiCropTransform,
     SeededBatchSampler,
+    auto_num_workers,
     build_multicrop_dataloader,
     build_multicrop_dataset,
 )
@@ -281,3 +282,13 @@ def test_adaptive_set_epoch_reaches_loader_workers(tiny_source: ArrayImageDatase
             assert b.masks.num_local_crops == b.num_local_crops
             assert all(c.shape == (2, 3, 32, 32) for c in b.crops[2:])
     assert counts == [{1}, {2}, {3}]
+
+
+@pytest.mark.parametrize(("device", "cores", "local_ranks", "expected"),
+                         [("cpu", 16, 1, 0), ("cuda", 16, 1, 8), ("cuda", 16, 4, 3), ("cuda", 2, 1, 1),
+                          ("cuda", 2, 2, 1)])
+def test_auto_num_workers_leaves_cpu_cores_to_the_step_and_shares_them_between_gpus(
+        monkeypatch: pytest.MonkeyPatch, device: str, cores: int, local_ranks: int, expected: int) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(cores)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
+    assert auto_num_workers(device) == expected

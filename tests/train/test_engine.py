@@ -146,6 +146,11 @@ def test_trains_from_shards(tmp_path):
     assert first[0] != first[1]
 
 
+def test_null_num_workers_loads_in_the_training_process_on_cpu(tmp_path):
+    cfg = load_config("configs/fashion_mnist.yaml", tiny_overrides(tmp_path / "run", "data.num_workers=null"))
+    assert Trainer(cfg, progress=False).loader.num_workers == 0
+
+
 def test_time_budget_ends_on_the_clock_and_finishes_the_cosine(tmp_path):
     cfg = load_config("configs/fashion_mnist.yaml",
                       tiny_overrides(tmp_path, "training.time_budget_s=4", "training.epochs=1", "data.max_samples=16",
