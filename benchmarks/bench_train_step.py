@@ -2,7 +2,11 @@
 
 One training step = forward (context encoder on the context patches, EMA target encoder on
 the full image, predictor on context + target-block queries, smooth-L1 loss) + backward +
-AdamW step + EMA update of the target encoder. No grad clipping, no AMP, fp32.
+AdamW step + EMA update of the target encoder. No grad clipping, no autocast: the trained
+modules run in fp32. Our target encoder's no-grad pass runs at the default
+``training.target_precision=auto``: a pure bf16 pass where the CPU multiplies bf16 natively (AMX
+or AVX512-BF16), else fp32; a second row of ours runs it in fp32 (``target_precision=fp32``), and
+a second row of lightly runs its whole forward under bf16 autocast, lightly's one way to use bf16.
 
 * ours: ``build_hjepa`` from ``load_config`` with ``data.use_multicrop=false`` (one global
   crop, no local crops), ``masking.num_hierarchies=1``, ``loss.hierarchy_weights=[1.0]`` and
@@ -87,7 +91,7 @@ def settings_from_args(args: argparse.Namespace) -> dict:
         "optimizer": f"AdamW lr={LR} betas=(0.9, 0.95) wd={WEIGHT_DECAY} (no wd on 1-D / tokens), foreach default",
         "ema_momentum": EMA,
         "grad_clip": None,
-        "precision": "fp32",
+        "precision": "fp32 (no autocast); ours' target pass at target_precision=auto, also a row with fp32",
         "threads": args.threads,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
@@ -185,6 +189,14 @@ def build_contenders(s: dict, config: Config, compiled: bool, images: list[torch
     }
 
 
+def with_autocast(contender: Contender) -> Contender:
+    """The contender with its forward under CPU bf16 autocast."""
+    def loss_of(i: int) -> torch.Tensor:
+        with torch.autocast("cpu", torch.bfloat16):
+            return contender.loss_of(i)
+    return Contender(contender.model, contender.optimizer, loss_of, contender.ema)
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     s = settings_from_args(args)
@@ -216,6 +228,10 @@ def run(args: argparse.Namespace) -> dict:
 
     mask_sets, ours_batch, lightly_masks = feeds(config)
     contenders = build_contenders(s, config, False, images, ours_batch, lightly_masks)
+    fp32_targets = build_contenders(s, load_config(None, [*ours_overrides(s), "training.target_precision=fp32"]),
+                                    False, images, ours_batch, lightly_masks)
+    contenders["ours fp32 targets"] = fp32_targets["ours"]
+    contenders["lightly bf16 autocast"] = with_autocast(fp32_targets["lightly"])
     # Model FLOPs of forward + backward, counted over the warm-up steps' masks: how much of the
     # speed ratio is less work.
     flops = {}
@@ -259,13 +275,16 @@ def run(args: argparse.Namespace) -> dict:
             "gflops_per_step": flops[name.removesuffix(" compiled")] / 1e9,
             "steps_s": totals,
         }
-    ratios = {"eager": pair_ratio("ours", "lightly")}
+    ratios = {"eager": pair_ratio("ours", "lightly"),
+              "ours_fp32_targets": pair_ratio("ours fp32 targets", "lightly"),
+              "lightly_bf16_autocast": pair_ratio("ours", "lightly bf16 autocast")}
     if args.compile:
         ratios |= {"compiled": pair_ratio("ours compiled", "lightly compiled"),
                    "ours_compiled_over_lightly_eager": pair_ratio("ours compiled", "lightly"),
                    "ours_compiled_over_ours_eager": pair_ratio("ours compiled", "ours")}
     return {
-        "settings": s | {"compile": args.compile},
+        "settings": s | {"compile": args.compile,
+                         "ours_target_pass": str(contenders["ours"].model.target_dtype("cpu")).removeprefix("torch.")},
         "mask_example": {
             "grid": gm.grid_sizes[0],
             "context_tokens": int(gm.context.shape[1]),
@@ -299,13 +318,15 @@ def markdown(r: dict) -> str:
         "",
         "One step = forward + backward + AdamW step + EMA update; median of "
         f"{s['timed_steps']} interleaved timed steps after {s['warmup_steps']} warm-up steps each, "
-        f"`torch.set_num_threads({s['threads']})`, fp32, no grad clipping.",
+        f"`torch.set_num_threads({s['threads']})`, fp32 modules (no autocast unless named), no grad clipping; "
+        f"our target encoder's pass: {s['ours_target_pass']} (`training.target_precision=auto` on this CPU).",
         "",
         "| model | images/s (median step) | images/s (best step) | step (s, median) | min / max (s) "
         "| forward | backward | AdamW | EMA | first step (s) | GFLOP fwd+bwd | trainable params |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    labels = {"ours": "ours (HJEPA, 1 level, single crop)", "lightly": "lightly I-JEPA modules"}
+    labels = {"ours": "ours (HJEPA, 1 level, single crop)", "lightly": "lightly I-JEPA modules",
+              "ours fp32 targets": "ours, fp32 target pass", "lightly bf16 autocast": "lightly, bf16 autocast"}
     for name, x in res.items():
         ph = x["phase_s_median"]
         label = labels[name.removesuffix(" compiled")] + (", `torch.compile`" if name.endswith(" compiled") else "")
@@ -317,6 +338,8 @@ def markdown(r: dict) -> str:
             f"{x['trainable_params']:,} |"
         )
     ratio_labels = {"eager": "ours / lightly, both eager", "compiled": "ours / lightly, both compiled",
+                    "ours_fp32_targets": "ours with fp32 targets / lightly",
+                    "lightly_bf16_autocast": "ours / lightly with bf16 autocast",
                     "ours_compiled_over_lightly_eager": "ours compiled / lightly eager",
                     "ours_compiled_over_ours_eager": "ours compiled / ours eager"}
     lines += [

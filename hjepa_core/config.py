@@ -46,10 +46,8 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the key and how to fix it."""
 
 
-# The schema is read by OmegaConf 2.3 (OmegaConf.structured), which takes these annotations as
-# written: `X | None` is an optional node, list[float] and dict[str, str] typed containers.
-# tuple[float, float] becomes a list of floats of any length: _to_config checks the length and
-# gives the tuple back, so no field needs typing.Optional or typing.Tuple instead.
+# OmegaConf 2.3 reads these annotations as written (`X | None` optional, list/dict typed containers);
+# tuple[float, float] becomes a float list that _to_config length-checks and turns back into a tuple.
 @dataclass
 class MultiCropConfig:
     """Multi-crop transform parameters (the spec's table)."""
@@ -148,6 +146,7 @@ class TrainingConfig:
     grad_clip: float = 3.0  # max gradient norm; 0 turns clipping off
     accumulation_steps: int = 1
     precision: str = "auto"
+    target_precision: str = "auto"  # the EMA target encoder's pass: auto (bf16 if native), fp32, bf16
     compile: bool = False
     compile_backend: str = "inductor"  # a torch.compile backend: inductor, aot_eager, cudagraphs ...
     seed: int = 0
@@ -164,8 +163,7 @@ class TrainingConfig:
 class TrackingConfig:
     """MLflow tracking (URI from ``MLFLOW_TRACKING_URI`` unless ``tracking_uri`` is set).
 
-    ``registered_model_name``: the registry name ``hjepa evaluate`` registers the evaluated encoder
-    under (training registers nothing); None registers nothing.
+    ``registered_model_name``: the name ``hjepa evaluate`` registers the encoder under (None: none).
     """
 
     enabled: bool = True
@@ -260,6 +258,8 @@ class Config:
             raise ConfigError(f"model.predictor_depth must be >= 1, got {m.predictor_depth}")
         if t.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"training.precision={t.precision!r} must be auto, fp32, bf16 or fp16")
+        if t.target_precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"training.target_precision={t.target_precision!r} must be auto, fp32 or bf16")
         for key in ("epochs", "batch_size", "accumulation_steps", "keep_last_checkpoints", "log_every"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"training.{key} must be >= 1, got {getattr(t, key)}")

@@ -84,6 +84,7 @@ def test_num_workers_defaults_to_auto_and_takes_an_integer_or_null():
         ("training=1", "training: expected a mapping of TrainingConfig fields"),
         ("training.device=null", "training.device: expected a string, got None"),
         ("data.use_multicrop=maybe", "data.use_multicrop: expected true/false, got 'maybe'"),
+        ("training.target_precision=fp16", "training.target_precision='fp16' must be auto, fp32 or bf16"),
         ("training.output_dir=${oc.env:HJEPA_SURELY_UNSET}", "training.output_dir: "),
     ],
 )

@@ -92,6 +92,38 @@ def test_ema_update_matches_formula():
     assert not any(p.requires_grad for p in model.target_encoder.parameters())
 
 
+def test_bf16_target_pass_tracks_the_fp32_ema_weights():
+    """A bf16 target pass gives fp32 tokens within bf16 rounding of the fp32 pass, follows every
+    EMA step, and leaves the EMA weights in fp32; fp32 is the plain target encoder."""
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = build_hjepa(cfg)
+    batch = first_batch(cfg)
+    images = torch.cat(batch.crops[:batch.num_global_crops])
+    model.target_precision = "fp32"
+    torch.testing.assert_close(model.encode_targets(images), model.target_encoder(images), rtol=0, atol=0)
+    for step in range(2):
+        model.target_precision = "fp32"
+        exact = model.encode_targets(images)
+        model.target_precision = "bf16"
+        approx = model.encode_targets(images)
+        assert approx.dtype == torch.float32 and approx.shape == exact.shape
+        assert 0 < ((approx - exact).norm() / exact.norm()).item() < 0.03, step
+        with torch.no_grad():
+            for p in model.encoder.parameters():
+                p.add_(torch.randn_like(p))
+        model.update_target(0.5)
+    assert all(p.dtype == torch.float32 for p in model.target_encoder.state_dict().values())
+
+
+def test_target_precision_reaches_the_model_and_trains():
+    cfg = tiny_config("global_only", "training.target_precision=bf16")
+    model = build_hjepa(cfg)
+    assert model.target_precision == "bf16"
+    model(first_batch(cfg)).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.encoder.parameters() if p.grad is not None)
+
+
 def test_source_positions_follow_box_and_flip():
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.5, 0.25, 1.0, 0.75]])
     pos = source_positions(boxes, torch.tensor([False, True]), side=2)
