@@ -228,10 +228,11 @@ def run(args: argparse.Namespace) -> dict:
 
     mask_sets, ours_batch, lightly_masks = feeds(config)
     contenders = build_contenders(s, config, False, images, ours_batch, lightly_masks)
-    fp32_targets = build_contenders(s, load_config(None, [*ours_overrides(s), "training.target_precision=fp32"]),
-                                    False, images, ours_batch, lightly_masks)
-    contenders["ours fp32 targets"] = fp32_targets["ours"]
-    contenders["lightly bf16 autocast"] = with_autocast(fp32_targets["lightly"])
+    # A second pair from the same seed: ours with an fp32 target pass, lightly under bf16 autocast.
+    second = build_contenders(s, load_config(None, [*ours_overrides(s), "training.target_precision=fp32"]),
+                              False, images, ours_batch, lightly_masks)
+    contenders["ours fp32 targets"] = second["ours"]
+    contenders["lightly bf16 autocast"] = with_autocast(second["lightly"])
     # Model FLOPs of forward + backward, counted over the warm-up steps' masks: how much of the
     # speed ratio is less work.
     flops = {}

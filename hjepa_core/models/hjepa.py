@@ -233,8 +233,7 @@ class HJEPA(nn.Module):
         target_roles = [i for i, r in enumerate(masks.local_roles) if r == LOCAL_TARGET]
         if target_roles:
             target_images = torch.cat([local_crops[i] for i in target_roles])
-            with torch.no_grad():
-                local_targets = _layer_norm(self.encode_targets(target_images))
+            local_targets = _layer_norm(self.encode_targets(target_images))
             positions = source_positions(
                 _rows(local_boxes, target_roles).flatten(0, 1), _rows(local_flips, target_roles).flatten(0, 1),
                 masks.local_grid,
